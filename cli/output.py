@@ -1,0 +1,129 @@
+"""Terminal output: progress bars on a terminal, tables by default, JSON on request."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from tqdm import tqdm
+
+from retriever.indexing import IndexReport
+from retriever.search import SearchResult
+
+
+class Bar:
+    """A tqdm bar on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self, desc: str, unit: str, delay: float) -> None:
+        self._bar = tqdm(desc=desc, unit=unit, total=0, file=sys.stderr, delay=delay, dynamic_ncols=True)
+
+    @classmethod
+    def for_terminal(cls, desc: str, *, unit: str, delay: float = 0.0) -> Bar | None:
+        """A bar, or None when stderr is not a terminal (pipes and logs get no bar)."""
+        return cls(desc, unit, delay) if sys.stderr.isatty() else None
+
+    def update(self, done: int, total: int) -> None:
+        """Move the bar to ``done`` of ``total``."""
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar."""
+        self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self._bar.close()
+
+
+def hits_json(result: SearchResult) -> dict[str, Any]:
+    """The ``--json`` form of a search result."""
+    results: list[dict[str, Any]] = []
+    for rank, hit in enumerate(result.hits, start=1):
+        item: dict[str, Any] = {"rank": rank, "id": hit.id}
+        if hit.text is not None:
+            item["text"] = hit.text
+            item["ext_id"] = hit.ext_id
+        else:
+            item["path"] = hit.path
+        item["score"] = hit.score
+        item["prefilter_score"] = hit.prefilter_score
+        results.append(item)
+    return {
+        "query": result.query,
+        "results": results,
+        "seconds": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+
+
+def print_hits(result: SearchResult, *, as_json: bool) -> None:
+    """Print search results as a table, or as one JSON object."""
+    if as_json:
+        typer.echo(json.dumps(hits_json(result)))
+        return
+    if not result.hits:
+        typer.echo("no results")
+        return
+    reranked = any(h.rerank_score is not None for h in result.hits)
+    head = "score (ITM)" if reranked else "score (cos)"
+    typer.echo(
+        f"{'rank':>4}  {head:>11}  {'prefilter':>9}  {'text' if result.hits[0].text is not None else 'path'}"
+    )
+    for rank, hit in enumerate(result.hits, start=1):
+        what = hit.text if hit.text is not None else hit.path
+        typer.echo(f"{rank:>4}  {hit.score:>11.4f}  {hit.prefilter_score:>9.4f}  {what}")
+
+
+def print_report(report: IndexReport) -> None:
+    """The summary at the end of an index run."""
+    parts = [
+        f"added {report.added}",
+        f"updated {report.updated}",
+        f"removed {report.removed}",
+        f"unchanged {report.unchanged}",
+        f"skipped {len(report.skipped)}",
+    ]
+    typer.echo(", ".join(parts) + f" in {report.seconds:.1f} s")
+    if report.reused:
+        typer.echo(f"{report.reused} reused stored vectors (renamed or duplicate files)")
+    reasons: dict[str, int] = {}
+    for _, reason in report.skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  skipped {n}: {reason}")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def print_status(facts: dict[str, Any], *, as_json: bool) -> None:
+    """Print ``retriever status``."""
+    if as_json:
+        typer.echo(json.dumps(facts))
+        return
+    models = facts["models"] or {}
+    lines = [
+        ("index dir", facts["index_dir"]),
+        ("database", facts["database"]),
+        ("images", facts["images"]),
+        ("texts", facts["texts"]),
+        ("prefilter", f"{models.get('prefilter', '-')} (dim {models.get('dim', '-')})"),
+        ("reranker", models.get("reranker", "-")),
+        ("index size", _size(facts["disk_bytes"])),
+        ("patch cache", _size(facts["patch_cache_bytes"])),
+        ("cache per image", _size(facts["cache_bytes_per_image"])),
+    ]
+    for key, value in lines:
+        typer.echo(f"{key:>16}: {value}")

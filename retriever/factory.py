@@ -1,0 +1,111 @@
+"""The one place that wires concrete classes together: models from hub ids or folders, and devices."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .encoders import ClipEncoder
+from .errors import ModelNotFoundError, RetrieverError
+from .rerank import ViltReranker
+
+DEFAULT_PREFILTER = "openai/clip-vit-base-patch32"
+DEFAULT_RERANKER = "dandelin/vilt-b32-finetuned-coco"
+
+#: Rerank candidates by default: a ViLT-B/32 pair costs about 0.3 s on a 2-core CPU, a few ms on a GPU.
+DEFAULT_CANDIDATES_CPU = 20
+DEFAULT_CANDIDATES_GPU = 100
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RetrieverError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if name not in ("cpu", "cuda"):
+        raise RetrieverError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def default_candidates(device: torch.device) -> int:
+    """How many prefilter candidates the rerank scores by default on this device."""
+    return DEFAULT_CANDIDATES_GPU if device.type == "cuda" else DEFAULT_CANDIDATES_CPU
+
+
+def model_name(id_or_path: str) -> str:
+    """A stable name for a model: the absolute path of a local folder, else the hub id as given."""
+    path = Path(id_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else id_or_path
+
+
+def fingerprint(model: Any) -> str:
+    """A short hash of a model's config and a few of its weights, to tell checkpoints apart cheaply."""
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    params = list(model.state_dict().items())
+    for _, tensor in params[:2] + params[-2:]:
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load(kind: str, id_or_path: str, loaders: tuple[Any, Any], option: str) -> tuple[Any, Any]:
+    model_cls, processor_cls = loaders
+    path = Path(id_or_path).expanduser()
+    looks_local = path.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ModelNotFoundError(
+            f"{kind} model not found: no folder at {path}. Pass {option} a folder written by "
+            "save_pretrained (weights, tokenizer and processor files), or a hub id."
+        )
+    try:
+        model = model_cls.from_pretrained(str(path) if path.is_dir() else id_or_path)
+        processor = processor_cls.from_pretrained(str(path) if path.is_dir() else id_or_path)
+    except Exception as exc:  # transformers raises OSError, ValueError or hub errors here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path.is_dir():
+            raise ModelNotFoundError(
+                f"{kind} model at {path} could not be loaded: {reason}. The folder must hold what "
+                "save_pretrained writes for the model, its tokenizer and its processor."
+            ) from exc
+        raise ModelNotFoundError(
+            f"{kind} model {id_or_path!r} is not available: it is not a local folder, it is not in the "
+            f"Hugging Face cache, and it could not be downloaded ({reason}). Run once on a machine with "
+            f"network access to fill the cache, or pass {option} a local folder written by save_pretrained."
+        ) from exc
+    return model, processor
+
+
+def load_prefilter(id_or_path: str, device: torch.device) -> ClipEncoder:
+    """A ``CLIPModel`` checkpoint as the prefilter."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = _load("prefilter", id_or_path, (CLIPModel, CLIPProcessor), "--prefilter")
+    return ClipEncoder(
+        model, processor, name=model_name(id_or_path), fingerprint=fingerprint(model), device=device
+    )
+
+
+def load_reranker(id_or_path: str, device: torch.device) -> ViltReranker:
+    """A ``ViltForImageAndTextRetrieval`` checkpoint as the reranker."""
+    from transformers import ViltForImageAndTextRetrieval, ViltProcessor
+
+    model, processor = _load(
+        "reranker", id_or_path, (ViltForImageAndTextRetrieval, ViltProcessor), "--reranker"
+    )
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return ViltReranker(
+        model,
+        processor,
+        name=model_name(id_or_path),
+        fingerprint=fingerprint(model),
+        device=device,
+        dtype=dtype,
+    )

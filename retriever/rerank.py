@@ -1,0 +1,149 @@
+"""The reranker: ViLT's image-text-matching head, scoring pairs from cached visual tokens.
+
+At index time ``embed_image`` runs ViLT's visual embedding once per image: patch projection plus
+interpolated position embeddings, with the image CLS token in front. That is exactly what
+``ViltModel`` accepts as ``image_embeds`` (with the token mask as ``pixel_mask``). transformers'
+own ``visual_embed`` returns the same tokens in a random order (``torch.multinomial``); the
+transformer and the CLS pooling do not depend on the order of the image tokens, so the logits
+are the same. At search time only the transformer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+ProgressFn = Callable[[int, int], None]
+
+
+class Reranker(Protocol):
+    """Scores (text, image) pairs, the image given as its cached visual tokens."""
+
+    name: str
+    fingerprint: str
+    hidden: int
+
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """Visual tokens (tokens, hidden) of one RGB image."""
+        ...
+
+    def score_pairs(
+        self,
+        texts: Sequence[str],
+        images: Sequence[np.ndarray],
+        pairs: Sequence[tuple[int, int]],
+        on_progress: ProgressFn | None = None,
+    ) -> np.ndarray:
+        """ITM logit of each (text index, image index) pair."""
+        ...
+
+
+class ViltReranker:
+    """``ViltForImageAndTextRetrieval`` and its ``ViltProcessor``, as a ``Reranker``."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name: str,
+        fingerprint: str,
+        device: torch.device,
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.name = name
+        self.fingerprint = fingerprint
+        self.device = device
+        self.batch_size = batch_size
+        self.dtype = dtype
+        config = model.config
+        self.hidden = int(config.hidden_size)
+        self.max_text_tokens = int(config.max_position_embeddings)
+        self._grid = int(config.image_size) // int(config.patch_size)
+
+    # -- index time -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """Visual tokens of one RGB image at the processor's resolution: (1 + patches, hidden) float32."""
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        emb = self.model.vilt.embeddings
+        x = emb.patch_embeddings(pixels.to(self.device))  # (1, hidden, h, w)
+        _, hidden, h, w = x.shape
+        grid = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, self._grid, self._grid)
+        pos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
+        patches = (x + pos).flatten(2).transpose(1, 2)
+        cls = emb.cls_token + emb.position_embeddings[:, :1, :]
+        tokens = torch.cat([cls, patches], dim=1)[0]
+        return np.ascontiguousarray(tokens.float().cpu().numpy())
+
+    # -- search time ------------------------------------------------------------------------------
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        enc = self.processor.tokenizer(
+            list(texts), truncation=True, max_length=self.max_text_tokens, padding=False
+        )
+        return [list(ids) for ids in enc["input_ids"]]
+
+    @torch.inference_mode()
+    def score_pairs(
+        self,
+        texts: Sequence[str],
+        images: Sequence[np.ndarray],
+        pairs: Sequence[tuple[int, int]],
+        on_progress: ProgressFn | None = None,
+    ) -> np.ndarray:
+        """ITM logit of each (text index, image index) pair, in the order given.
+
+        Pairs are batched by image token count, so a batch pads few tokens; texts are tokenized once.
+        """
+        scores = np.empty(len(pairs), dtype=np.float32)
+        if not pairs:
+            return scores
+        token_ids = self._tokenize(texts)
+        order = sorted(
+            range(len(pairs)), key=lambda p: (images[pairs[p][1]].shape[0], len(token_ids[pairs[p][0]]))
+        )
+        done = 0
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            logits = self._forward(
+                [token_ids[pairs[p][0]] for p in chunk], [images[pairs[p][1]] for p in chunk]
+            )
+            scores[chunk] = logits
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done, len(pairs))
+        return scores
+
+    def _forward(self, text_ids: Sequence[list[int]], image_tokens: Sequence[np.ndarray]) -> np.ndarray:
+        n = len(text_ids)
+        t_len = max(len(t) for t in text_ids)
+        i_len = max(t.shape[0] for t in image_tokens)
+        pad_id = int(self.processor.tokenizer.pad_token_id or 0)
+        input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
+        text_mask = torch.zeros((n, t_len), dtype=torch.long)
+        embeds = np.zeros((n, i_len, self.hidden), dtype=np.float32)
+        image_mask = torch.zeros((n, i_len), dtype=torch.long)
+        for row, (ids, tokens) in enumerate(zip(text_ids, image_tokens, strict=True)):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            text_mask[row, : len(ids)] = 1
+            embeds[row, : tokens.shape[0]] = tokens
+            image_mask[row, : tokens.shape[0]] = 1
+        dev = self.device
+        with torch.autocast(device_type=dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.model(
+                input_ids=input_ids.to(dev),
+                attention_mask=text_mask.to(dev),
+                token_type_ids=torch.zeros_like(input_ids).to(dev),
+                image_embeds=torch.from_numpy(embeds).to(dev),
+                pixel_mask=image_mask.to(dev),
+            )
+        return np.asarray(out.logits[:, 0].float().cpu().numpy(), dtype=np.float32)

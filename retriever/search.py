@@ -1,0 +1,156 @@
+"""The search stage: FAISS prefilter, then the ViLT image-text-matching rerank of the top candidates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image
+
+from .encoders import DualEncoder
+from .errors import EmptyQueryError, RetrieverError
+from .library import Library
+from .rerank import ProgressFn, Reranker
+
+MAX_QUERY_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result. ``score`` is the ViLT ITM logit after a rerank, else the prefilter cosine."""
+
+    id: int
+    score: float
+    prefilter_score: float
+    rerank_score: float | None = None
+    path: str | None = None
+    text: str | None = None
+    ext_id: str | None = None
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits and where the time went (seconds per stage)."""
+
+    query: str
+    hits: list[Hit]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def clean_query(text: str) -> str:
+    """Collapse whitespace; refuse an empty or over-long query."""
+    query = " ".join(text.split())
+    if not query:
+        raise EmptyQueryError("the query is empty: give some words to search for")
+    if len(query) > MAX_QUERY_CHARS:
+        raise EmptyQueryError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS}")
+    return query
+
+
+def _check_k(k: int, candidates: int) -> None:
+    if k < 1:
+        raise RetrieverError(f"k must be at least 1, got {k}")
+    if candidates < 1:
+        raise RetrieverError(f"candidates must be at least 1, got {candidates}")
+
+
+def _prefilter(library: Library, kind: str, query: np.ndarray, n: int) -> list[tuple[int, float]]:
+    scores, ids = library.vectors(kind).search(query[None, :], n)
+    return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+
+def _rank(hits: list[Hit], k: int) -> list[Hit]:
+    return sorted(hits, key=lambda h: (-h.score, -h.prefilter_score, h.id))[:k]
+
+
+def search_text(
+    library: Library,
+    prefilter: DualEncoder,
+    reranker: Reranker | None,
+    query: str,
+    *,
+    k: int = 10,
+    candidates: int = 100,
+    on_progress: ProgressFn | None = None,
+) -> SearchResult:
+    """Text→image: the top ``candidates`` by prefilter cosine, reranked by ViLT ITM (unless no reranker)."""
+    query = clean_query(query)
+    _check_k(k, candidates)
+    clock = _Clock()
+    qvec = prefilter.encode_texts([query])[0]
+    clock.lap("encode")
+    found = _prefilter(library, "images", qvec, max(candidates, k) if reranker else k)
+    records = library.store.images([i for i, _ in found])
+    hits = [Hit(i, s, s, path=records[i].path) for i, s in found if i in records]
+    clock.lap("prefilter")
+    if reranker is None or not hits:
+        return SearchResult(query, _rank(hits, k), clock.timings)
+    hits = hits[:candidates]
+    tokens = library.patches().load([(records[h.id].patch_offset, records[h.id].patch_tokens) for h in hits])
+    clock.lap("load")
+    logits = reranker.score_pairs([query], tokens, [(0, j) for j in range(len(hits))], on_progress)
+    clock.lap("rerank")
+    hits = [replace(h, score=float(s), rerank_score=float(s)) for h, s in zip(hits, logits, strict=True)]
+    return SearchResult(query, _rank(hits, k), clock.timings)
+
+
+def search_image(
+    library: Library, prefilter: DualEncoder, image: Image.Image, *, k: int = 10, label: str = ""
+) -> SearchResult:
+    """Image→image by prefilter similarity (ViLT has no image-image head)."""
+    _check_k(k, 1)
+    clock = _Clock()
+    qvec = prefilter.encode_images([image])[0]
+    clock.lap("encode")
+    found = _prefilter(library, "images", qvec, k)
+    records = library.store.images([i for i, _ in found])
+    hits = [Hit(i, s, s, path=records[i].path) for i, s in found if i in records]
+    clock.lap("prefilter")
+    return SearchResult(label, _rank(hits, k), clock.timings)
+
+
+def search_image_texts(
+    library: Library,
+    prefilter: DualEncoder,
+    reranker: Reranker | None,
+    image: Image.Image,
+    *,
+    k: int = 10,
+    candidates: int = 100,
+    label: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SearchResult:
+    """Image→text over the caption collection: prefilter, then ViLT with the image's tokens computed once."""
+    _check_k(k, candidates)
+    clock = _Clock()
+    if library.store.count_texts() == 0:
+        raise RetrieverError("the caption collection is empty: add captions with `retriever texts add FILE`")
+    qvec = prefilter.encode_images([image])[0]
+    clock.lap("encode")
+    found = _prefilter(library, "texts", qvec, max(candidates, k) if reranker else k)
+    records = library.store.texts([i for i, _ in found])
+    hits = [Hit(i, s, s, text=records[i].text, ext_id=records[i].ext_id) for i, s in found if i in records]
+    clock.lap("prefilter")
+    if reranker is None or not hits:
+        return SearchResult(label, _rank(hits, k), clock.timings)
+    hits = hits[:candidates]
+    image_tokens = reranker.embed_image(image)
+    clock.lap("embed")
+    texts = [h.text or "" for h in hits]
+    logits = reranker.score_pairs(texts, [image_tokens], [(j, 0) for j in range(len(hits))], on_progress)
+    clock.lap("rerank")
+    hits = [replace(h, score=float(s), rerank_score=float(s)) for h, s in zip(hits, logits, strict=True)]
+    return SearchResult(label, _rank(hits, k), clock.timings)
