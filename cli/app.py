@@ -14,6 +14,7 @@ import typer
 
 from retriever.errors import EmptyQueryError, ImageDecodeError, RetrieverError
 
+from .datasets import app as datasets_app
 from .output import Bar, print_hits, print_report, print_status
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 texts_app = typer.Typer(help="The caption collection searched by image→text queries.", no_args_is_help=True)
 app.add_typer(texts_app, name="texts")
+app.add_typer(datasets_app, name="datasets", help="Generate benchmark datasets.")
 
 IndexDir = Annotated[
     Path | None,
@@ -98,7 +100,7 @@ class Context:
         from retriever.library import Library
 
         self.device = resolve_device(device)
-        self.library = Library((index_dir or default_home()).expanduser(), db_url)
+        self.library = Library((index_dir or default_home()).expanduser().resolve(), db_url)
 
     def model_ids(self, prefilter: str | None, reranker: str | None) -> tuple[str, str]:
         """Explicit choices first, then the models the index was built with, then the defaults."""
@@ -110,14 +112,24 @@ class Context:
             reranker or (info.reranker if info else DEFAULT_RERANKER),
         )
 
+    @staticmethod
+    def _quiet_transformers() -> None:
+        # Loading bars and the "no torchvision, using the PIL processor" notice are noise on a CLI.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
     def load_prefilter(self, model_id: str) -> Any:
         from retriever.factory import load_prefilter
 
+        self._quiet_transformers()
         return load_prefilter(model_id, self.device)
 
     def load_reranker(self, model_id: str) -> Any:
         from retriever.factory import load_reranker
 
+        self._quiet_transformers()
         return load_reranker(model_id, self.device)
 
 
@@ -298,17 +310,6 @@ def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut =
         ctx = Context(index_dir, db_url, "cpu")
         facts = ctx.library.status()
     print_status(facts, as_json=json_out)
-
-
-def _mount_optional() -> None:
-    try:
-        from .datasets import app as datasets_app
-    except ImportError:
-        return
-    app.add_typer(datasets_app, name="datasets")
-
-
-_mount_optional()
 
 
 def main() -> None:

@@ -171,6 +171,9 @@ class MetadataStore:
             self.engine.dispose()
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise StoreError(f"cannot open the database {self.display_url}: {reason}") from exc
+        except StoreError:
+            self.engine.dispose()
+            raise
 
     @property
     def display_url(self) -> str:
@@ -320,11 +323,12 @@ class MetadataStore:
                     "patch_offset": item.encoded.patch_offset,
                     "patch_tokens": item.encoded.patch_tokens,
                 }
-                if item.replace_id is not None:
-                    session.execute(update(ImageRow).where(ImageRow.id == item.replace_id).values(**values))
-                    removed.append(item.replace_id)
-                    row_id = item.replace_id
-                else:
+                target = item.replace_id if item.replace_id not in batch.deletes else None
+                stmt = update(ImageRow).where(ImageRow.id == target).values(**values)
+                if target is not None and session.connection().execute(stmt).rowcount:
+                    removed.append(target)
+                    row_id = target
+                else:  # a new file, or a replaced row that no longer exists: insert
                     row = ImageRow(**values)
                     session.add(row)
                     session.flush()
@@ -384,6 +388,8 @@ class MetadataStore:
         Returns the new texts generation, the ids whose vectors changed or were added, and those vectors.
         """
         now = datetime.now(UTC)
+        last: dict[str, int] = {e: n for n, (e, _, _) in enumerate(items) if e is not None}
+        items = [it for n, it in enumerate(items) if it[0] is None or last[it[0]] == n]
         ids: list[int] = []
         with Session(self.engine) as session, session.begin():
             for ext_id, caption, vector in items:

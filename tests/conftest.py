@@ -11,14 +11,60 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
-from tests.tiny_models import make_tiny_clip, make_tiny_vilt  # noqa: E402
+from tests.tiny_models import make_tiny_clip, make_tiny_vilt
+
+#: The PostgreSQL server every development and CI machine runs (trust auth).
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def pg_admin_engine() -> Engine:
+    """An AUTOCOMMIT engine on the server's maintenance database, to create and drop test databases."""
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    if os.environ.get("RETRIEVER_SKIP_POSTGRES") == "1":
+        pytest.skip("RETRIEVER_SKIP_POSTGRES=1")
+    name = f"retriever_test_{uuid.uuid4().hex}"
+    admin = pg_admin_engine()
+    problem = ""
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        cause = getattr(exc, "orig", None) or exc
+        problem = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if problem:  # failed outside the except block, so the report is one readable line
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({problem}); start it, or set "
+            "RETRIEVER_SKIP_POSTGRES=1 to skip the PostgreSQL cases",
+            pytrace=False,
+        )
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+            )
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,7 @@
+"""``python -m retriever`` runs the command line."""
+
+from __future__ import annotations
+
+from retriever.cli.app import main
+
+main()
