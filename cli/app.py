@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 
-from retriever.errors import EmptyQueryError, ImageDecodeError, RetrieverError
-
+from .common import Context, errors_as_messages, fail
 from .datasets import app as datasets_app
+from .options import DbUrl, Device, IndexDir, JsonOut, Prefilter, Reranker
 from .output import Bar, print_hits, print_report, print_status
 
 app = typer.Typer(
@@ -26,111 +25,6 @@ app = typer.Typer(
 texts_app = typer.Typer(help="The caption collection searched by image→text queries.", no_args_is_help=True)
 app.add_typer(texts_app, name="texts")
 app.add_typer(datasets_app, name="datasets", help="Generate benchmark datasets.")
-
-IndexDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--index-dir",
-        envvar="RETRIEVER_HOME",
-        help="Where the index lives. Default: $XDG_DATA_HOME/retriever or ~/.local/share/retriever.",
-        show_default=False,
-    ),
-]
-DbUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--db-url",
-        envvar="RETRIEVER_DB_URL",
-        help="SQLAlchemy URL of the metadata database, e.g. postgresql://user@host/db. "
-        "Default: SQLite in the index dir.",
-        show_default=False,
-    ),
-]
-Prefilter = Annotated[
-    str | None,
-    typer.Option(
-        "--prefilter",
-        envvar="RETRIEVER_PREFILTER",
-        help="CLIPModel hub id or local folder. Default: the index's own, else openai/clip-vit-base-patch32.",
-        show_default=False,
-    ),
-]
-Reranker = Annotated[
-    str | None,
-    typer.Option(
-        "--reranker",
-        envvar="RETRIEVER_RERANKER",
-        help="ViltForImageAndTextRetrieval hub id or local folder. "
-        "Default: the index's own, else dandelin/vilt-b32-finetuned-coco.",
-        show_default=False,
-    ),
-]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-
-
-def default_home() -> Path:
-    """The index dir when neither --index-dir nor RETRIEVER_HOME is given."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "retriever"
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print an error without a traceback and exit."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def errors_as_messages() -> Iterator[None]:
-    """Map the library's typed errors to short messages and exit codes."""
-    try:
-        yield
-    except (EmptyQueryError, ImageDecodeError) as exc:
-        fail(str(exc), 2)
-    except RetrieverError as exc:
-        fail(str(exc), 1)
-
-
-class Context:
-    """What every command needs, built once from the options: the index and, on demand, the models."""
-
-    def __init__(self, index_dir: Path | None, db_url: str | None, device: str) -> None:
-        from retriever.factory import resolve_device
-        from retriever.library import Library
-
-        self.device = resolve_device(device)
-        self.library = Library((index_dir or default_home()).expanduser().resolve(), db_url)
-
-    def model_ids(self, prefilter: str | None, reranker: str | None) -> tuple[str, str]:
-        """Explicit choices first, then the models the index was built with, then the defaults."""
-        from retriever.factory import DEFAULT_PREFILTER, DEFAULT_RERANKER
-
-        info = self.library.models()
-        return (
-            prefilter or (info.prefilter if info else DEFAULT_PREFILTER),
-            reranker or (info.reranker if info else DEFAULT_RERANKER),
-        )
-
-    @staticmethod
-    def _quiet_transformers() -> None:
-        # Loading bars and the "no torchvision, using the PIL processor" notice are noise on a CLI.
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-    def load_prefilter(self, model_id: str) -> Any:
-        from retriever.factory import load_prefilter
-
-        self._quiet_transformers()
-        return load_prefilter(model_id, self.device)
-
-    def load_reranker(self, model_id: str) -> Any:
-        from retriever.factory import load_reranker
-
-        self._quiet_transformers()
-        return load_reranker(model_id, self.device)
 
 
 def _progress_fn(bar: Bar | None) -> Callable[[int, int], None] | None:
@@ -310,6 +204,10 @@ def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut =
         ctx = Context(index_dir, db_url, "cpu")
         facts = ctx.library.status()
     print_status(facts, as_json=json_out)
+
+
+# Commands that live in their own modules are registered here, one line each.
+# (end of registrations)
 
 
 def main() -> None:

@@ -44,11 +44,13 @@ def hits_json(result: SearchResult) -> dict[str, Any]:
     """The ``--json`` form of a search result."""
     results: list[dict[str, Any]] = []
     for rank, hit in enumerate(result.hits, start=1):
-        item: dict[str, Any] = {"rank": rank, "id": hit.id}
+        item: dict[str, Any] = {"rank": rank}
         if hit.text is not None:
+            # A caption's id is the one given in the JSONL file, else its number in the collection.
+            item["id"] = hit.ext_id if hit.ext_id is not None else str(hit.id)
             item["text"] = hit.text
-            item["ext_id"] = hit.ext_id
         else:
+            item["id"] = hit.id
             item["path"] = hit.path
         item["score"] = hit.score
         item["prefilter_score"] = hit.prefilter_score

@@ -167,6 +167,14 @@ class Library:
         self._loaded_generation["images"] = applied.generation
         return applied
 
+    def remove_images(self, ids: list[int], models: ModelInfo) -> int:
+        """Delete images by id from the database and the FAISS index; returns how many existed."""
+        present = self.store.images(ids)
+        if present:
+            self.commit(ImageBatch(deletes=list(present)), models)
+            self.save_vectors()
+        return len(present)
+
     def commit_texts(self, items: list[tuple[str | None, str, np.ndarray]]) -> int:
         """Add captions, update the texts FAISS index and save it; returns how many were written."""
         index = self.vectors("texts")
@@ -214,6 +222,9 @@ class Library:
         texts = self.store.count_texts()
         info = self.models()
         patch_bytes = self.patches().nbytes if info is not None else 0
+        # Per image counts the tokens rows point to, not runs left behind by changed or deleted files.
+        live_rows = sum(n for _, n in self.store.patch_extents())
+        live_bytes = live_rows * self.patches().row_bytes if info is not None else 0
         return {
             "index_dir": str(self.home),
             "database": self.store.display_url,
@@ -225,6 +236,6 @@ class Library:
             "disk_bytes": self.disk_bytes(),
             "database_bytes": self.store.database_bytes(),
             "patch_cache_bytes": patch_bytes,
-            "cache_bytes_per_image": round(patch_bytes / images) if images else 0,
+            "cache_bytes_per_image": round(live_bytes / images) if images else 0,
             "schema_version": self.store.schema_version(),
         }
