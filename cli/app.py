@@ -13,8 +13,11 @@ import typer
 
 from .common import Context, errors_as_messages, fail
 from .datasets import app as datasets_app
-from .options import DbUrl, Device, IndexDir, JsonOut, Prefilter, Reranker
+from .evaluate import evaluate_command
+from .options import DbUrl, Device, IndexDir, JsonOut, ModelPreset, Prefilter, Reranker
 from .output import Bar, print_hits, print_report, print_status
+from .serve import serve
+from .train import train_command
 
 app = typer.Typer(
     help="Image-text retrieval: a FAISS prefilter and a ViLT image-text-matching rerank over cached patches.",
@@ -49,6 +52,7 @@ def index(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=1024, help="Images per batch.")] = 16,
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
+    model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
     device: Device = "auto",
@@ -61,7 +65,7 @@ def index(
         fail(f"no such folder: {folder}", 2)
     with errors_as_messages():
         ctx = Context(index_dir, db_url, device)
-        pre_id, re_id = ctx.model_ids(prefilter, reranker)
+        pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
         bar = Bar.for_terminal("indexing", unit="img")
 
@@ -117,6 +121,7 @@ def search(
     ] = False,
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
+    model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
     device: Device = "auto",
@@ -139,7 +144,7 @@ def search(
         ctx = Context(index_dir, db_url, device)
         if ctx.library.models() is None:
             fail(f"the index at {ctx.library.home} is empty: run `retriever index DIR` first", 1)
-        pre_id, re_id = ctx.model_ids(prefilter, reranker)
+        pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre = ctx.load_prefilter(pre_id)
         rer = None
         if not no_rerank and not (image is not None and not texts):
@@ -177,6 +182,7 @@ def texts_add(
     ],
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
+    model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
     device: Device = "auto",
@@ -188,7 +194,7 @@ def texts_add(
     with errors_as_messages():
         items = read_captions(file)
         ctx = Context(index_dir, db_url, device)
-        pre_id, re_id = ctx.model_ids(prefilter, reranker)
+        pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
         with ctx.library.writer():
             ctx.library.check_models(model_info(pre, rer), record=True)
@@ -207,6 +213,9 @@ def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut =
 
 
 # Commands that live in their own modules are registered here, one line each.
+app.command("eval")(evaluate_command)
+app.command("train")(train_command)
+app.command()(serve)
 # (end of registrations)
 
 

@@ -46,10 +46,15 @@ class Context:
         self.device = resolve_device(device)
         self.library = Library((index_dir or default_home()).expanduser().resolve(), db_url)
 
-    def model_ids(self, prefilter: str | None, reranker: str | None) -> tuple[str, str]:
-        """Explicit choices first, then the models the index was built with, then the defaults."""
-        from retriever.factory import DEFAULT_PREFILTER, DEFAULT_RERANKER
+    def model_ids(
+        self, prefilter: str | None, reranker: str | None, model: str | None = None
+    ) -> tuple[str, str]:
+        """Explicit models first, then a --model preset, then the index's own models, then the defaults."""
+        from retriever.factory import DEFAULT_PREFILTER, DEFAULT_RERANKER, preset
 
+        if model is not None:
+            pre, rer = preset(model)
+            return prefilter or pre, reranker or rer
         info = self.library.models()
         return (
             prefilter or (info.prefilter if info else DEFAULT_PREFILTER),

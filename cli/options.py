@@ -47,3 +47,13 @@ Reranker = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+ModelPreset = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        envvar="RETRIEVER_MODEL",
+        help="A named pair of models: shapes (shipped with retriever, works offline), coco (the public "
+        "CLIP + ViLT COCO checkpoints) or flickr30k. --prefilter and --reranker override it.",
+        show_default=False,
+    ),
+]

@@ -31,6 +31,10 @@ class Bar:
         self._bar.n = done
         self._bar.refresh()
 
+    def postfix(self, **values: str) -> None:
+        """Show figures (loss, throughput) after the bar."""
+        self._bar.set_postfix(values, refresh=False)
+
     def write(self, message: str) -> None:
         """Print a line above the bar."""
         self._bar.write(message, file=sys.stderr)

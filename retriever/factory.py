@@ -16,9 +16,27 @@ from .rerank import ViltReranker
 DEFAULT_PREFILTER = "openai/clip-vit-base-patch32"
 DEFAULT_RERANKER = "dandelin/vilt-b32-finetuned-coco"
 
+#: The model shipped inside the package, trained by ``retriever train`` on the shapes benchmark.
+SHAPES_DIR = Path(__file__).resolve().parent / "models" / "shapes"
+
+#: Named presets for ``--model``: (prefilter, reranker).
+PRESETS: dict[str, tuple[str, str]] = {
+    "coco": (DEFAULT_PREFILTER, DEFAULT_RERANKER),
+    "flickr30k": (DEFAULT_PREFILTER, "dandelin/vilt-b32-finetuned-flickr30k"),
+    "shapes": (str(SHAPES_DIR / "prefilter"), str(SHAPES_DIR / "reranker")),
+}
+
 #: Rerank candidates by default: a ViLT-B/32 pair costs about 0.3 s on a 2-core CPU, a few ms on a GPU.
 DEFAULT_CANDIDATES_CPU = 20
 DEFAULT_CANDIDATES_GPU = 100
+
+
+def preset(name: str) -> tuple[str, str]:
+    """The (prefilter, reranker) of a named preset."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RetrieverError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,7 +96,8 @@ def _load(kind: str, id_or_path: str, loaders: tuple[Any, Any], option: str) -> 
         raise ModelNotFoundError(
             f"{kind} model {id_or_path!r} is not available: it is not a local folder, it is not in the "
             f"Hugging Face cache, and it could not be downloaded ({reason}). Run once on a machine with "
-            f"network access to fill the cache, or pass {option} a local folder written by save_pretrained."
+            f"network access to fill the cache, or pass {option} a local folder written by save_pretrained. "
+            "The model shipped with retriever works offline: --model shapes."
         ) from exc
     return model, processor
 

@@ -30,11 +30,11 @@ transformers 5 notes:
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
 from pathlib import Path
 
 import torch
+
+from retriever.training.tokenizers import CLIP_BOS, CLIP_EOS, clip_tokenizer
 
 __all__ = [
     "CLIP_BOS",
@@ -44,9 +44,6 @@ __all__ = [
     "make_tiny_vilt",
     "make_vilt_tokenizer",
 ]
-
-CLIP_BOS = "<|startoftext|>"
-CLIP_EOS = "<|endoftext|>"
 
 
 def _words(text: str) -> list[str]:
@@ -94,99 +91,9 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-to-symbol table, in OpenAI's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _train_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn CLIP-style BPE merges on the corpus; deterministic (ties broken by the pair itself).
-
-    The ``tokenizers`` BpeTrainer breaks count ties by hash-map order, so its merges differ from
-    run to run; the corpus is tiny, so the merge loop is done here instead, on words split by
-    ``tokenizers``' own normaliser and pre-tokeniser (the ones transformers' CLIPTokenizer uses).
-    """
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
-    normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(
-                    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-                ),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    counts: Counter[tuple[str, ...]] = Counter()
-    for line in _corpus():
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
-            counts[(*word[:-1], word[-1] + "</w>")] += 1
-
-    merges: list[tuple[str, str]] = []
-    words = dict(counts)
-    while len(merges) < _CLIP_MERGES:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, n in words.items():
-            for pair in itertools.pairwise(word):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged: dict[tuple[str, ...], int] = {}
-        for word, n in words.items():
-            out: list[str] = []
-            i = 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + n
-        words = merged
-
-    byte_syms = _bytes_to_unicode()
-    tokens = byte_syms + [s + "</w>" for s in byte_syms]
-    seen = set(tokens)
-    for a, b in merges:
-        if a + b not in seen:
-            seen.add(a + b)
-            tokens.append(a + b)
-    tokens += [CLIP_BOS, CLIP_EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def make_clip_tokenizer():
-    """A small CLIP byte-level BPE tokenizer (``transformers.CLIPTokenizer``)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _train_clip_bpe()
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=CLIP_EOS,
-        bos_token=CLIP_BOS,
-        eos_token=CLIP_EOS,
-        pad_token=CLIP_EOS,
-        model_max_length=77,
-    )
+    """A small CLIP byte-level BPE tokenizer (``transformers.CLIPTokenizer``) over the test corpus."""
+    return clip_tokenizer(_corpus(), _CLIP_MERGES)
 
 
 def make_tiny_clip(out_dir: Path, *, seed: int = 0, projection_dim: int = 32, image_size: int = 32) -> Path:

@@ -1,0 +1,1 @@
+"""Training the prefilter and the reranker (kept apart from inference code)."""

@@ -1,0 +1,191 @@
+"""``retriever train`` end to end: data, the prefilter stage, negative mining, the reranker stage, export.
+
+An output folder holds ``prefilter/`` and ``reranker/`` (``save_pretrained`` folders with tokenizer
+and processor files), ``TRAINING.json`` (how they were made) and ``state/`` (resumable training
+state and the preprocessed pixels). Running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..datasets.karpathy import load_karpathy
+from ..errors import RetrieverError
+from .build import SmallConfig, new_prefilter, new_reranker
+from .data import load_train_data
+from .loop import LoopConfig, RerankSampling, StepFn, prefilter_embeddings, train_prefilter, train_reranker
+
+StatusFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything a training run depends on."""
+
+    dataset: Path
+    out: Path
+    images_dir: Path | None = None
+    split: str = "train"
+    prefilter_init: str | None = None  # fine-tune this CLIPModel instead of training a small one from scratch
+    reranker_init: str | None = None  # likewise for ViltForImageAndTextRetrieval
+    prefilter_steps: int = 600
+    reranker_steps: int = 6000
+    prefilter_batch: int = 256
+    prefilter_lr: float = 1e-3
+    reranker_lr: float = 5e-4
+    sampling: RerankSampling = field(default_factory=RerankSampling)
+    small: SmallConfig = field(default_factory=SmallConfig)
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "auto"  # auto | fp32 | bf16
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs bf16 matmuls natively, else fp32 (None)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    capability = torch.backends.cpu.get_cpu_capability()
+    # AVX512 builds include AVX512-BF16/AMX paths on the CPUs that have them; AVX2 emulates bf16 slowly.
+    return torch.bfloat16 if capability.startswith("AVX512") and _cpu_has_native_bf16() else None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _raw_entries(dataset: Path, split: str) -> list[dict[str, Any]]:
+    wanted = {"train": {"train", "restval"}}.get(split, {split})
+    data = json.loads(dataset.read_text())
+    return [e for e in data["images"] if isinstance(e, dict) and e.get("split") in wanted]
+
+
+def _load_or_build(req: TrainRequest, texts: list[str], work: Path) -> tuple[Any, Any, Any, Any]:
+    from transformers import CLIPModel, CLIPProcessor, ViltForImageAndTextRetrieval, ViltProcessor
+
+    if req.prefilter_init:
+        clip = CLIPModel.from_pretrained(req.prefilter_init)
+        clip_proc = CLIPProcessor.from_pretrained(req.prefilter_init)
+    else:
+        clip, clip_proc = new_prefilter(sorted(set(texts)), req.small, req.seed)
+    if req.reranker_init:
+        vilt = ViltForImageAndTextRetrieval.from_pretrained(req.reranker_init)
+        vilt_proc = ViltProcessor.from_pretrained(req.reranker_init)
+    else:
+        words = sorted({w for t in texts for w in t.lower().split()})
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        # Single letters and word pieces let the tokenizer spell any word it was not trained on.
+        vocab = words + [c for c in letters if c not in words] + ["##" + c for c in letters]
+        vilt, vilt_proc = new_reranker(vocab, req.small, work / "tokenizer", req.seed)
+    return clip, clip_proc, vilt, vilt_proc
+
+
+def train(
+    req: TrainRequest,
+    *,
+    command: str = "",
+    on_step: StepFn | None = None,
+    on_status: StatusFn | None = None,
+) -> Path:
+    """Train (or resume) both models; returns the output folder."""
+    started = time.perf_counter()
+    say = on_status or (lambda _m: None)
+    device = torch.device(req.device)
+    dtype = autocast_dtype(device, req.precision)
+    work = req.out / "state"
+    work.mkdir(parents=True, exist_ok=True)
+    if not req.dataset.exists():
+        raise RetrieverError(f"no dataset at {req.dataset}")
+    split = load_karpathy(req.dataset, req.images_dir, req.split)
+    raw = _raw_entries(req.dataset, req.split)
+    if len(raw) != len(split.images):
+        raise RetrieverError("the dataset's entries and the loaded split disagree; is the JSON well formed?")
+    torch.manual_seed(req.seed)
+    clip, clip_proc, vilt, vilt_proc = _load_or_build(req, split.texts, work)
+    say(f"preprocessing {len(split.images)} images ({len(split.texts)} captions)")
+    data = load_train_data(split, raw, vilt_proc, clip_proc, cache_dir=work)
+
+    say(f"training the prefilter for {req.prefilter_steps} steps (precision {dtype or torch.float32})")
+    pre_cfg = LoopConfig(
+        steps=req.prefilter_steps,
+        lr=req.prefilter_lr,
+        batch=req.prefilter_batch,
+        seed=req.seed,
+        device=device,
+        autocast=dtype,
+        warmup=min(100, req.prefilter_steps // 10),
+    )
+    clip = train_prefilter(clip, clip_proc.tokenizer, data, pre_cfg, work / "prefilter.pt", on_step)
+    _export(clip, clip_proc, req.out / "prefilter")
+
+    say("mining negatives with the prefilter")
+    sims = prefilter_embeddings(clip, clip_proc.tokenizer, data, device)
+    say(f"training the reranker for {req.reranker_steps} steps")
+    re_cfg = LoopConfig(
+        steps=req.reranker_steps,
+        lr=req.reranker_lr,
+        batch=req.sampling.captions,
+        seed=req.seed,
+        device=device,
+        autocast=dtype,
+        warmup=min(200, req.reranker_steps // 10),
+    )
+    vilt = train_reranker(vilt, data, sims, re_cfg, work / "reranker.pt", req.sampling, on_step)
+    _export(vilt, vilt_proc, req.out / "reranker")
+
+    record = {
+        "command": command,
+        "dataset": str(req.dataset),
+        "split": req.split,
+        "images": len(split.images),
+        "captions": len(split.texts),
+        "twin_groups": len(data.groups),
+        "seed": req.seed,
+        "prefilter_steps": req.prefilter_steps,
+        "reranker_steps": req.reranker_steps,
+        "prefilter_pairs": req.prefilter_steps * req.prefilter_batch,
+        "reranker_pairs": req.reranker_steps
+        * req.sampling.captions
+        * (1 + req.sampling.hard + req.sampling.random),
+        "sampling": asdict(req.sampling),
+        "small_config": asdict(req.small) if not (req.prefilter_init or req.reranker_init) else None,
+        "prefilter_init": req.prefilter_init,
+        "reranker_init": req.reranker_init,
+        "precision": str(dtype or torch.float32),
+        "device": req.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "wall_seconds_this_run": round(time.perf_counter() - started, 1),
+    }
+    previous = req.out / "TRAINING.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        record["wall_seconds_total"] = round(
+            old.get("wall_seconds_total", 0) + record["wall_seconds_this_run"], 1
+        )
+    else:
+        record["wall_seconds_total"] = record["wall_seconds_this_run"]
+    previous.write_text(json.dumps(record, indent=2) + "\n")
+    return req.out
+
+
+def _export(model: Any, processor: Any, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval().to("cpu").float()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
