@@ -1,0 +1,228 @@
+"""What the routes do to the index, in API terms: look-ups, listings, searches, deletes and captions."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, defer
+
+from retriever.errors import NotFoundError, RetrieverError
+from retriever.index.schema import ImageRow
+from retriever.index.store import ImageRecord
+from retriever.indexing import model_info
+from retriever.library import Library
+from retriever.search import SearchResult, clean_query, search_image, search_image_texts, search_text
+
+from .errors import OutsideRootsError
+from .jobs import Job
+from .runtime import Models, Runtime
+from .schemas import (
+    ImageHit,
+    ImagePublic,
+    ImageSearchResponse,
+    IndexReportPublic,
+    JobPublic,
+    TextCreate,
+    TextHit,
+    TextSearchResponse,
+)
+from .thumbnails import forget_thumbnails
+
+# -- images -------------------------------------------------------------------------------------------
+
+
+def image_public(record: ImageRecord | ImageRow) -> ImagePublic:
+    """The API form of an image record (or row)."""
+    return ImagePublic(
+        id=record.id,
+        path=record.path,
+        filename=os.path.basename(record.path),
+        size=record.size,
+        mtime=record.mtime,
+        width=record.width,
+        height=record.height,
+        content_hash=record.content_hash,
+        # The store writes UTC; SQLite hands it back without a zone, which is not an RFC 3339 date-time.
+        indexed_at=record.indexed_at
+        if record.indexed_at.tzinfo is not None
+        else record.indexed_at.replace(tzinfo=UTC),
+        prefilter_model=record.prefilter_model,
+        reranker_model=record.reranker_model,
+    )
+
+
+def get_image(library: Library, image_id: int) -> ImageRecord:
+    """The record of an indexed image; ``NotFoundError`` when there is none."""
+    record = library.store.images([image_id]).get(image_id)
+    if record is None:
+        raise NotFoundError(f"no image with id {image_id}")
+    return record
+
+
+def existing_file(record: ImageRecord) -> Path:
+    """The original file of an indexed image, as recorded; ``NotFoundError`` when it is gone from disk."""
+    if not os.path.isfile(record.path):
+        raise NotFoundError(f"the file of image {record.id} is gone: {record.path}")
+    return Path(record.path)
+
+
+def list_images(library: Library, offset: int, limit: int) -> tuple[list[ImagePublic], int]:
+    """A page of images in id order, and how many there are in all."""
+    stmt = select(ImageRow).options(defer(ImageRow.vector)).order_by(ImageRow.id).offset(offset).limit(limit)
+    with Session(library.store.engine) as session:
+        page = [image_public(row) for row in session.scalars(stmt)]
+    return page, library.store.count_images()
+
+
+def delete_image(runtime: Runtime, image_id: int) -> None:
+    """Remove an image from the index (its file stays); ``NotFoundError`` when there is none."""
+    with runtime.writing() as library:
+        info = library.models()
+        if info is None or library.remove_images([image_id], info) == 0:
+            raise NotFoundError(f"no image with id {image_id}")
+    forget_thumbnails(runtime.settings.index_dir, image_id)
+
+
+# -- search -------------------------------------------------------------------------------------------
+
+
+def _seconds(result: SearchResult) -> dict[str, float]:
+    seconds = {stage: round(t, 4) for stage, t in result.timings.items()}
+    seconds["total"] = round(sum(result.timings.values()), 4)
+    return seconds
+
+
+def _image_response(result: SearchResult) -> ImageSearchResponse:
+    hits = [
+        ImageHit(
+            rank=rank,
+            id=h.id,
+            path=h.path or "",
+            filename=os.path.basename(h.path or ""),
+            score=h.score,
+            prefilter_score=h.prefilter_score,
+            rerank_score=h.rerank_score,
+        )
+        for rank, h in enumerate(result.hits, start=1)
+    ]
+    return ImageSearchResponse(query=result.query, data=hits, count=len(hits), seconds=_seconds(result))
+
+
+def _text_response(result: SearchResult) -> TextSearchResponse:
+    hits = [
+        TextHit(
+            rank=rank,
+            id=h.ext_id if h.ext_id is not None else str(h.id),
+            text=h.text or "",
+            score=h.score,
+            prefilter_score=h.prefilter_score,
+            rerank_score=h.rerank_score,
+        )
+        for rank, h in enumerate(result.hits, start=1)
+    ]
+    return TextSearchResponse(query=result.query, data=hits, count=len(hits), seconds=_seconds(result))
+
+
+def search_images_by_text(
+    runtime: Runtime, models: Models, q: str, k: int, candidates: int | None, rerank: bool
+) -> ImageSearchResponse:
+    """Text→image search; an index with nothing in it gives no hits."""
+    query = clean_query(q)
+    if runtime.reader.models() is None:
+        return _image_response(SearchResult(query, []))
+    reranker = models.batcher if rerank else None
+    n = candidates or models.default_candidates
+    return _image_response(search_text(runtime.reader, models.prefilter, reranker, query, k=k, candidates=n))
+
+
+def search_images_by_image(
+    runtime: Runtime, models: Models, image: Image.Image, label: str, k: int
+) -> ImageSearchResponse:
+    """Image→image search by prefilter similarity."""
+    if runtime.reader.models() is None:
+        return _image_response(SearchResult(label, []))
+    return _image_response(search_image(runtime.reader, models.prefilter, image, k=k, label=label))
+
+
+def search_texts_by_image(
+    runtime: Runtime,
+    models: Models,
+    image: Image.Image,
+    label: str,
+    k: int,
+    candidates: int | None,
+    rerank: bool,
+) -> TextSearchResponse:
+    """Image→text search over the caption collection; an empty collection gives no hits."""
+    if runtime.reader.models() is None or runtime.reader.store.count_texts() == 0:
+        return _text_response(SearchResult(label, []))
+    reranker = models.batcher if rerank else None
+    n = candidates or models.default_candidates
+    return _text_response(
+        search_image_texts(runtime.reader, models.prefilter, reranker, image, k=k, candidates=n, label=label)
+    )
+
+
+# -- captions -----------------------------------------------------------------------------------------
+
+
+def add_texts(runtime: Runtime, models: Models, texts: list[TextCreate]) -> tuple[int, int]:
+    """Encode and store captions; returns how many were written and how many the collection holds."""
+    vectors = models.prefilter.encode_texts([t.text for t in texts])
+    with runtime.writing() as library:
+        library.check_models(model_info(models.prefilter, models.reranker), record=True)
+        added = library.commit_texts([(t.id, t.text, v) for t, v in zip(texts, vectors, strict=True)])
+        return added, library.store.count_texts()
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+
+
+def job_public(job: Job) -> JobPublic:
+    """The API form of a job."""
+    return JobPublic(
+        id=job.id,
+        state=job.state,
+        path=job.path,
+        done=job.done,
+        total=job.total,
+        report=IndexReportPublic.model_validate(job.report.as_dict()) if job.report is not None else None,
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+def resolve_index_path(roots: tuple[Path, ...], path: str) -> Path:
+    """The real path of a folder to index, which must lie inside one of ``roots``.
+
+    Symbolic links and ``..`` are resolved first, so neither leads outside a root. A relative path is taken
+    from the first root.
+
+    Raises:
+        OutsideRootsError: no roots are configured, or the path lies outside all of them.
+        NotFoundError: the path is inside a root but does not exist.
+    """
+    if not roots:
+        raise OutsideRootsError(
+            "indexing over the API is off: start the server with --root DIR (or RETRIEVER_ROOTS) "
+            "to name the folders it may index"
+        )
+    try:
+        real = os.path.realpath(os.path.join(roots[0], path))
+    except (OSError, ValueError) as exc:
+        raise RetrieverError(f"not a usable path: {exc}") from exc
+    for root in roots:
+        root_real = os.path.realpath(root)
+        if os.path.commonpath([real, root_real]) == root_real:
+            break
+    else:
+        allowed = ", ".join(str(r) for r in roots)
+        raise OutsideRootsError(f"{path} is outside the folders this server may index ({allowed})")
+    if not os.path.exists(real):
+        raise NotFoundError(f"no such file or folder: {path}")
+    return Path(real)

@@ -1,0 +1,1 @@
+"""Checks of the Docker deployment files that need no Docker engine."""
