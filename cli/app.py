@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from .bench import bench_command
 from .common import Context, errors_as_messages, fail
 from .datasets import app as datasets_app
 from .evaluate import evaluate_command
@@ -216,6 +217,7 @@ def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut =
 app.command("eval")(evaluate_command)
 app.command("train")(train_command)
 app.command()(serve)
+app.command("bench")(bench_command)
 # (end of registrations)
 
 

@@ -3,10 +3,14 @@
 The database holds every vector; the index file is a cache of them named after the database's
 generation counter (``images-<gen>.faiss``), so a file from before the last committed change is
 recognised as stale and rebuilt instead of being trusted.
+
+Search is exact (a flat scan) until the index reaches ``APPROX_MIN_VECTORS``; from then on it is an
+inverted-file index (IVF), which scans the ``nprobe`` lists nearest the query instead of everything.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,16 +18,35 @@ from typing import Any
 import faiss
 import numpy as np
 
+#: From this many vectors on, adding switches the index to IVF. A flat scan of 512-d float32 vectors
+#: costs about 0.15 ms per thousand vectors on one core (measured: 15 ms at 100k), some 150 ms at a
+#: million, against a rerank of a second or more on a CPU; below this an approximate index would
+#: trade recall for nothing.
+APPROX_MIN_VECTORS = 1_000_000
+#: IVF lists scanned per query, as a share of all lists (at least ``MIN_NPROBE``).
+NPROBE_SHARE = 1 / 16
+MIN_NPROBE = 16
+
 
 class VectorIndex:
-    """Exact inner-product search over vectors with int64 ids (cosine, for normalized vectors)."""
+    """Inner-product search over vectors with int64 ids (cosine, for normalized vectors).
 
-    def __init__(self, dim: int) -> None:
+    Exact below ``approx_min`` vectors; an add that reaches it turns the index into an IVF index
+    (``sqrt(n)`` lists), which stays approximate from then on. ``approx_min=None`` keeps it exact.
+    """
+
+    def __init__(self, dim: int, *, approx_min: int | None = APPROX_MIN_VECTORS) -> None:
         if dim <= 0:
             raise ValueError(f"dimension must be positive, got {dim}")
         self.dim = dim
+        self.approx_min = approx_min
         # The SWIG wrapper's stubs do not know the numpy overloads faiss adds at import time.
         self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    @property
+    def exact(self) -> bool:
+        """False once the index is an IVF index."""
+        return not isinstance(faiss.downcast_index(self._index), faiss.IndexIVF)
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -36,6 +59,8 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.shape[0] != len(ids):
             raise ValueError(f"expected ({len(ids)}, {self.dim}) vectors, got {vectors.shape}")
         self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        if self.approx_min is not None and len(self) >= self.approx_min and self.exact:
+            self._index = _to_ivf(self._index, self.dim)
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove these ids; returns how many were present."""
@@ -68,8 +93,26 @@ class VectorIndex:
             raise ValueError(f"{path} holds {index.d}-dimensional vectors, expected {dim}")
         obj = cls.__new__(cls)
         obj.dim = dim
+        obj.approx_min = APPROX_MIN_VECTORS
         obj._index = index
         return obj
+
+
+def _to_ivf(flat: Any, dim: int) -> Any:
+    """The vectors and ids of an ``IndexIDMap2(IndexFlatIP)`` in a trained ``IndexIVFFlat``."""
+    n = int(flat.ntotal)
+    ids = faiss.vector_to_array(flat.id_map).astype(np.int64)
+    vectors = faiss.downcast_index(flat.index).reconstruct_n(0, n)
+    nlist = max(1, int(math.sqrt(n)))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    # k-means on 64 vectors per list (faiss samples 256) and 10 rounds: training then costs less than
+    # assigning every vector to its list (measured: 1-2 s for both at 100k vectors on one core).
+    ivf.cp.max_points_per_centroid = 64
+    ivf.cp.niter = 10
+    ivf.train(vectors)
+    ivf.add_with_ids(vectors, ids)
+    ivf.nprobe = max(MIN_NPROBE, int(nlist * NPROBE_SHARE))
+    return ivf
 
 
 def generation_path(folder: Path, kind: str, generation: int) -> Path:

@@ -112,19 +112,33 @@ def load_prefilter(id_or_path: str, device: torch.device) -> ClipEncoder:
     )
 
 
-def load_reranker(id_or_path: str, device: torch.device) -> ViltReranker:
-    """A ``ViltForImageAndTextRetrieval`` checkpoint as the reranker."""
+def load_reranker(id_or_path: str, device: torch.device, precision: str = "auto") -> ViltReranker:
+    """A ``ViltForImageAndTextRetrieval`` checkpoint as the reranker.
+
+    ``precision`` is ``auto`` (chosen from the device and, on a CPU, its features: see
+    ``retriever.perf.choose_precision``) or one of fp32, bf16, fp16, int8. On a CPU, torch gets at
+    most one intra-op thread per usable physical core.
+    """
     from transformers import ViltForImageAndTextRetrieval, ViltProcessor
+
+    from .perf import choose_precision, configure_threads, read_cpu_info, usable_threads
 
     model, processor = _load(
         "reranker", id_or_path, (ViltForImageAndTextRetrieval, ViltProcessor), "--reranker"
     )
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    cpu = read_cpu_info() if device.type == "cpu" else None
+    choice = choose_precision(device, precision, hidden=int(model.config.hidden_size), cpu=cpu)
+    if cpu is not None:
+        # Never above what torch was started with: a deliberate OMP_NUM_THREADS (or a busy, shared
+        # machine's operator) wins; above the physical cores torch's default only oversubscribes.
+        configure_threads(min(torch.get_num_threads(), usable_threads(cpu)))
     return ViltReranker(
         model,
         processor,
         name=model_name(id_or_path),
+        # Before the precision changes any weight: the fingerprint names the checkpoint, not how it runs.
         fingerprint=fingerprint(model),
         device=device,
-        dtype=dtype,
+        precision=choice.precision,
+        precision_reason=choice.reason,
     )

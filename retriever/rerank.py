@@ -6,6 +6,10 @@ interpolated position embeddings, with the image CLS token in front. That is exa
 own ``visual_embed`` returns the same tokens in a random order (``torch.multinomial``); the
 transformer and the CLS pooling do not depend on the order of the image tokens, so the logits
 are the same. At search time only the transformer runs.
+
+How it runs is ``retriever.perf``'s business: the precision (bf16 on CPUs with native bf16, int8
+elsewhere, fp16 on CUDA, fp32 for small models), attention through SDPA, and batches cut where
+token counts jump so that little of each batch is padding.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 from PIL import Image
+
+from .perf import DTYPES, Precision, PreparedModel, prepare_vilt
 
 ProgressFn = Callable[[int, int], None]
 
@@ -55,18 +62,41 @@ class ViltReranker:
         device: torch.device,
         batch_size: int = 16,
         dtype: torch.dtype = torch.float32,
+        precision: Precision | None = None,
+        precision_reason: str = "",
+        sdpa: bool = True,
+        max_padding: float = 0.1,
     ) -> None:
+        """Wrap ``model``, prepared in place (``retriever.perf.prepare_vilt``) for ``precision``.
+
+        Without ``precision``, ``dtype`` names it (float32, bfloat16, float16), as before precisions
+        existed. ``sdpa`` swaps the attention for ``scaled_dot_product_attention``. ``batch_size``
+        caps the pairs per forward pass; a batch also ends where adding the next pair would make
+        more than ``max_padding`` of its tokens padding.
+        """
         self.model = model.eval().to(device)
         self.processor = processor
         self.name = name
         self.fingerprint = fingerprint
         self.device = device
         self.batch_size = batch_size
-        self.dtype = dtype
+        self.max_padding = max_padding
+        if precision is None:
+            by_dtype: dict[torch.dtype, Precision] = {
+                torch.float32: "fp32",
+                torch.bfloat16: "bf16",
+                torch.float16: "fp16",
+            }
+            precision = by_dtype.get(dtype, "fp32")
+        self.precision: Precision = precision
+        self.precision_reason = precision_reason or "asked for"
+        self.dtype = DTYPES[precision]
         config = model.config
         self.hidden = int(config.hidden_size)
         self.max_text_tokens = int(config.max_position_embeddings)
         self._grid = int(config.image_size) // int(config.patch_size)
+        self.prepared: PreparedModel = prepare_vilt(self.model, precision, device, sdpa=sdpa)
+        self.attention = self.prepared.attention
 
     # -- index time -------------------------------------------------------------------------------
 
@@ -75,7 +105,7 @@ class ViltReranker:
         """Visual tokens of one RGB image at the processor's resolution: (1 + patches, hidden) float32."""
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         emb = self.model.vilt.embeddings
-        x = emb.patch_embeddings(pixels.to(self.device))  # (1, hidden, h, w)
+        x = emb.patch_embeddings(pixels.to(self.device, emb.position_embeddings.dtype))  # (1, hidden, h, w)
         _, hidden, h, w = x.shape
         grid = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, self._grid, self._grid)
         pos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
@@ -108,12 +138,12 @@ class ViltReranker:
         if not pairs:
             return scores
         token_ids = self._tokenize(texts)
+        lengths = [len(token_ids[t]) + images[i].shape[0] for t, i in pairs]
         order = sorted(
             range(len(pairs)), key=lambda p: (images[pairs[p][1]].shape[0], len(token_ids[pairs[p][0]]))
         )
         done = 0
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        for chunk in self._batches(order, lengths):
             logits = self._forward(
                 [token_ids[pairs[p][0]] for p in chunk], [images[pairs[p][1]] for p in chunk]
             )
@@ -123,6 +153,30 @@ class ViltReranker:
                 on_progress(done, len(pairs))
         return scores
 
+    def _batches(self, order: Sequence[int], lengths: Sequence[int]) -> list[list[int]]:
+        """Cut pairs sorted by length into batches of at most ``batch_size`` with little padding.
+
+        A batch is padded to its longest pair; it ends before a pair that would make more than
+        ``max_padding`` of its tokens padding, so a jump in token count (another aspect ratio)
+        starts a new batch instead of padding the whole batch up to it.
+        """
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        useful = longest = 0
+        for p in order:
+            grown = max(longest, lengths[p])
+            full = len(batch) >= self.batch_size
+            wasteful = (len(batch) + 1) * grown > (useful + lengths[p]) * (1 + self.max_padding)
+            if batch and (full or wasteful):
+                batches.append(batch)
+                batch, useful, grown = [], 0, lengths[p]
+            batch.append(p)
+            useful += lengths[p]
+            longest = grown
+        if batch:
+            batches.append(batch)
+        return batches
+
     def _forward(self, text_ids: Sequence[list[int]], image_tokens: Sequence[np.ndarray]) -> np.ndarray:
         n = len(text_ids)
         t_len = max(len(t) for t in text_ids)
@@ -130,20 +184,36 @@ class ViltReranker:
         pad_id = int(self.processor.tokenizer.pad_token_id or 0)
         input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
         text_mask = torch.zeros((n, t_len), dtype=torch.long)
-        embeds = np.zeros((n, i_len, self.hidden), dtype=np.float32)
+        # fp32 in every precision: the embeddings and the residual stream stay fp32 (see perf.prepare_vilt).
+        embeds = torch.empty((n, i_len, self.hidden), dtype=torch.float32)
         image_mask = torch.zeros((n, i_len), dtype=torch.long)
         for row, (ids, tokens) in enumerate(zip(text_ids, image_tokens, strict=True)):
+            k = tokens.shape[0]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             text_mask[row, : len(ids)] = 1
-            embeds[row, : tokens.shape[0]] = tokens
-            image_mask[row, : tokens.shape[0]] = 1
+            # The one copy of the cached tokens: from the memory map into the batch, cast on the way.
+            embeds[row, :k].copy_(_as_tensor(tokens))
+            embeds[row, k:].zero_()
+            image_mask[row, :k] = 1
         dev = self.device
-        with torch.autocast(device_type=dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with torch.autocast(device_type=dev.type, dtype=self.dtype, enabled=self.prepared.autocast):
             out = self.model(
                 input_ids=input_ids.to(dev),
                 attention_mask=text_mask.to(dev),
                 token_type_ids=torch.zeros_like(input_ids).to(dev),
-                image_embeds=torch.from_numpy(embeds).to(dev),
+                image_embeds=embeds.to(dev),
                 pixel_mask=image_mask.to(dev),
             )
         return np.asarray(out.logits[:, 0].float().cpu().numpy(), dtype=np.float32)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing ``array`` without a copy, read-only memory maps included.
+
+    ``torch.from_numpy`` warns on read-only arrays (the patch cache is mapped read-only); DLPack
+    shares the memory and carries the read-only flag instead.
+    """
+    try:
+        return torch.utils.dlpack.from_dlpack(array)
+    except (BufferError, TypeError, RuntimeError):
+        return torch.from_numpy(np.array(array))

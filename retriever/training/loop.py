@@ -215,6 +215,9 @@ class RerankSampling:
     random: int = 2  # uniformly random negatives
     pool: int = 48  # random images the hard negatives are mined from, plus the caption's twin group
     grounding_weight: float = 1.0
+    # Curriculum: mined negatives carry no signal until the model knows which objects an image
+    # holds, so they come in only once the positive beats random negatives this often.
+    curriculum_accuracy: float = 0.9
 
 
 def _mine(
@@ -224,8 +227,13 @@ def _mine(
     sampling: RerankSampling,
     sims: tuple[np.ndarray, np.ndarray],
     group_of: dict[int, list[int]],
+    hard_on: bool,
 ) -> list[int]:
     pos = int(data.text_image[t])
+    if not hard_on:
+        width = sampling.hard + sampling.random
+        rand = [int(i) for i in rng.choice(data.n_images, size=width + 2, replace=False) if int(i) != pos]
+        return [pos, *rand[:width]]
     img_emb, txt_emb = sims
     pool = set(rng.choice(data.n_images, size=min(sampling.pool, data.n_images), replace=False).tolist())
     pool.update(group_of.get(pos, []))
@@ -266,12 +274,15 @@ def train_reranker(
     step = _load_state(state_path, modules, rng)
     group_of = {i: g for g in data.groups for i in g}
     n_texts = len(data.texts)
+    # A marker file records that the curriculum switched, so a resumed run keeps mined negatives on.
+    hard_marker = state_path.with_suffix(".hard")
+    accuracy_ema, hard_on = 0.0, sampling.curriculum_accuracy <= 0 or hard_marker.exists()
     while step < cfg.steps:
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         texts = rng.choice(n_texts, size=sampling.captions, replace=False)
-        lists = [_mine(data, int(t), rng, sampling, sims, group_of) for t in texts]
+        lists = [_mine(data, int(t), rng, sampling, sims, group_of, hard_on) for t in texts]
         width = min(len(c) for c in lists)
         lists = [c[:width] for c in lists]
         unique = sorted({i for c in lists for i in c})
@@ -291,7 +302,13 @@ def train_reranker(
             logits = model.rank_output(out.pooler_output).float().view(len(texts), width)
         itm = F.cross_entropy(logits, torch.zeros(len(texts), dtype=torch.long, device=cfg.device))
         loss = itm
-        extra = {"acc": float((logits.argmax(1) == 0).float().mean())}
+        # Strictly above every negative: tied logits (an untrained head) do not count as right.
+        accuracy = float((logits[:, 0] > logits[:, 1:].max(dim=1).values).float().mean())
+        accuracy_ema = 0.95 * accuracy_ema + 0.05 * accuracy
+        if not hard_on and accuracy_ema >= sampling.curriculum_accuracy:
+            hard_on = True
+            hard_marker.touch()
+        extra = {"acc": accuracy, "hard": float(hard_on)}
         if data.grounding is not None and sampling.grounding_weight > 0:
             pos_rows = torch.arange(len(texts), device=cfg.device) * width
             tok = torch.from_numpy(data.grounding.token_index[texts]).to(cfg.device)
