@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import Context, errors_as_messages
+from .common import errors_as_messages, quiet_transformers
 from .options import JsonOut
 
 
@@ -137,7 +137,7 @@ def bench_command(
 
     # The bench tokenizes while torch runs its own thread pool; tokenizers' pool on top would oversubscribe.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    Context._quiet_transformers()
+    quiet_transformers()
     cfg = BenchConfig.quick() if quick else BenchConfig.full()
     cfg = replace(cfg, precision=precision, threads=threads)
 

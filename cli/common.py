@@ -36,6 +36,15 @@ def errors_as_messages() -> Iterator[None]:
         fail(str(exc), 1)
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' loading bars and notices, which are noise on a command line."""
+    # The "no torchvision, using the PIL processor" notice says nothing a user can act on.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 class Context:
     """What every command needs, built once from the options: the index and, on demand, the models."""
 
@@ -61,22 +70,14 @@ class Context:
             reranker or (info.reranker if info else DEFAULT_RERANKER),
         )
 
-    @staticmethod
-    def _quiet_transformers() -> None:
-        # Loading bars and the "no torchvision, using the PIL processor" notice are noise on a CLI.
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
     def load_prefilter(self, model_id: str) -> Any:
         from retriever.factory import load_prefilter
 
-        self._quiet_transformers()
+        quiet_transformers()
         return load_prefilter(model_id, self.device)
 
     def load_reranker(self, model_id: str) -> Any:
         from retriever.factory import load_reranker
 
-        self._quiet_transformers()
+        quiet_transformers()
         return load_reranker(model_id, self.device)

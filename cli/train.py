@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import errors_as_messages
+from .common import errors_as_messages, quiet_transformers
 from .options import Device
 from .output import Bar
 
@@ -49,6 +49,7 @@ def train_command(
     from retriever.training.loop import StepInfo
     from retriever.training.run import TrainRequest, train
 
+    quiet_transformers()
     with errors_as_messages():
         req = TrainRequest(
             dataset=karpathy,
