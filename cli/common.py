@@ -76,8 +76,8 @@ class Context:
         quiet_transformers()
         return load_prefilter(model_id, self.device)
 
-    def load_reranker(self, model_id: str) -> Any:
+    def load_reranker(self, model_id: str, precision: str = "auto") -> Any:
         from retriever.factory import load_reranker
 
         quiet_transformers()
-        return load_reranker(model_id, self.device)
+        return load_reranker(model_id, self.device, precision)

@@ -59,6 +59,9 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", help="Rerank precision: auto, fp32, bf16, fp16 or int8.")
+    ] = "auto",
     model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
@@ -74,7 +77,7 @@ def evaluate_command(
         ctx = Context(None, None, device)
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre = ctx.load_prefilter(pre_id)
-        rer = None if no_rerank else ctx.load_reranker(re_id)
+        rer = None if no_rerank else ctx.load_reranker(re_id, precision)
         n_pairs = len(data.images) * len(data.texts)
         if brute_force and n_pairs > BRUTE_FORCE_WARN_PAIRS:
             typer.secho(
