@@ -151,6 +151,8 @@ def evaluate(
             (
                 prefilter.fingerprint,
                 reranker.fingerprint if reranker else "",
+                # Scores of one precision must not be reused for another.
+                getattr(reranker, "precision", ""),
                 [str(i.path) for i in split.images],
             )
         ).encode()
