@@ -1,8 +1,11 @@
 # Set-up and the two jobs the README names. PYTHON must be 3.11 or newer.
 PYTHON ?= python3
 VENV ?= .venv
-PHOTOS ?= $(HOME)/Pictures
-QUERY ?= a dog playing in the snow
+# With PHOTOS unset, the demo is fully offline: it generates a small shapes folder and uses the model
+# shipped with retriever. With PHOTOS set, it indexes that folder with the public COCO checkpoints
+# (downloaded once from the Hugging Face hub).
+PHOTOS ?=
+DEMO ?= demo-data
 
 .PHONY: setup demo test
 
@@ -13,10 +16,19 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Index a folder of photos, then search it by text, on the embedded SQLite default.
+# Index a folder of images, then search it by text, on the embedded SQLite default.
+ifeq ($(PHOTOS),)
+demo: QUERY ?= a large yellow circle left of a large purple square
 demo: setup
-	$(VENV)/bin/retriever index "$(PHOTOS)"
+	$(VENV)/bin/retriever datasets shapes --out $(DEMO)/shapes --images 200 --seed 7 --split test
+	$(VENV)/bin/retriever index $(DEMO)/shapes --model shapes --index-dir $(DEMO)/index
+	$(VENV)/bin/retriever search "$(QUERY)" --k 5 --index-dir $(DEMO)/index
+else
+demo: QUERY ?= a dog playing in the snow
+demo: setup
+	$(VENV)/bin/retriever index "$(PHOTOS)" --model coco
 	$(VENV)/bin/retriever search "$(QUERY)"
+endif
 
 # The whole test suite, linters included. pytest's exit 5 (no tests ran) fails like any other failure.
 test: setup
