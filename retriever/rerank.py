@@ -49,6 +49,22 @@ class Reranker(Protocol):
         ...
 
 
+def visual_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """ViLT's visual embedding of same-size images: (n, 1 + patches, hidden), the image CLS token first.
+
+    Patch projection plus the position grid interpolated to the image's patch grid, as
+    ``ViltModel`` takes them as ``image_embeds``. Shared by indexing and training.
+    """
+    emb = model.vilt.embeddings
+    base = int(model.config.image_size) // int(model.config.patch_size)
+    x = emb.patch_embeddings(pixel_values)  # (n, hidden, h, w)
+    n, hidden, h, w = x.shape
+    grid = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, base, base)
+    pos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
+    cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(n, -1, -1)
+    return torch.cat([cls, (x + pos).flatten(2).transpose(1, 2)], dim=1)
+
+
 class ViltReranker:
     """``ViltForImageAndTextRetrieval`` and its ``ViltProcessor``, as a ``Reranker``."""
 
@@ -94,7 +110,6 @@ class ViltReranker:
         config = model.config
         self.hidden = int(config.hidden_size)
         self.max_text_tokens = int(config.max_position_embeddings)
-        self._grid = int(config.image_size) // int(config.patch_size)
         self.prepared: PreparedModel = prepare_vilt(self.model, precision, device, sdpa=sdpa)
         self.attention = self.prepared.attention
 
@@ -104,14 +119,8 @@ class ViltReranker:
     def embed_image(self, image: Image.Image) -> np.ndarray:
         """Visual tokens of one RGB image at the processor's resolution: (1 + patches, hidden) float32."""
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-        emb = self.model.vilt.embeddings
-        x = emb.patch_embeddings(pixels.to(self.device, emb.position_embeddings.dtype))  # (1, hidden, h, w)
-        _, hidden, h, w = x.shape
-        grid = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, self._grid, self._grid)
-        pos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
-        patches = (x + pos).flatten(2).transpose(1, 2)
-        cls = emb.cls_token + emb.position_embeddings[:, :1, :]
-        tokens = torch.cat([cls, patches], dim=1)[0]
+        dtype = self.model.vilt.embeddings.position_embeddings.dtype
+        tokens = visual_tokens(self.model, pixels.to(self.device, dtype))[0]
         return np.ascontiguousarray(tokens.float().cpu().numpy())
 
     # -- search time ------------------------------------------------------------------------------

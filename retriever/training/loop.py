@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..rerank import visual_tokens
 from .data import TrainData
 
 
@@ -167,23 +168,15 @@ def vilt_embed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ViLT visual tokens for images of varying size, padded: (n, L, H) and the mask (n, L).
 
-    The same computation as ``ViltReranker.embed_image``, batched by patch-grid shape.
+    ``retriever.rerank.visual_tokens``, batched by patch-grid shape.
     """
-    emb = model.vilt.embeddings
-    config = model.config
-    base = config.image_size // config.patch_size
-    hidden = config.hidden_size
-    grid = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, base, base)
-    cls = emb.cls_token + emb.position_embeddings[:, :1, :]
+    hidden = model.config.hidden_size
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(pixels):
         by_shape.setdefault((p.shape[1], p.shape[2]), []).append(i)
     outs: list[torch.Tensor | None] = [None] * len(pixels)
     for idx in by_shape.values():
-        x = emb.patch_embeddings(torch.stack([pixels[i].float() for i in idx]).to(device))
-        _, _, h, w = x.shape
-        pos = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
-        tokens = torch.cat([cls.expand(len(idx), -1, -1), (x + pos).flatten(2).transpose(1, 2)], dim=1)
+        tokens = visual_tokens(model, torch.stack([pixels[i].float() for i in idx]).to(device))
         for j, i in enumerate(idx):
             outs[i] = tokens[j]
     length = max(int(o.shape[0]) for o in outs if o is not None)
