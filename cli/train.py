@@ -38,6 +38,14 @@ def train_command(
     ] = None,
     prefilter_steps: Annotated[int, typer.Option("--prefilter-steps", min=0)] = 600,
     reranker_steps: Annotated[int, typer.Option("--reranker-steps", min=0)] = 6000,
+    prefilter_lr: Annotated[
+        float | None,
+        typer.Option("--prefilter-lr", help="1e-3 from scratch, 1e-5 fine-tuning.", show_default=False),
+    ] = None,
+    reranker_lr: Annotated[
+        float | None,
+        typer.Option("--reranker-lr", help="5e-4 from scratch, 1e-4 fine-tuning.", show_default=False),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     precision: Annotated[
         str, typer.Option("--precision", help="auto (bf16 where native), fp32 or bf16.")
@@ -60,6 +68,8 @@ def train_command(
             reranker_init=reranker_init,
             prefilter_steps=prefilter_steps,
             reranker_steps=reranker_steps,
+            prefilter_lr=prefilter_lr,
+            reranker_lr=reranker_lr,
             seed=seed,
             device=str(resolve_device(device)),
             precision=precision,

@@ -104,8 +104,13 @@ def train_prefilter(
     cfg: LoopConfig,
     state_path: Path,
     on_step: StepFn | None = None,
+    twin_share: float = 0.5,
 ) -> Any:
-    """Symmetric InfoNCE on (image, one of its captions) batches of distinct images."""
+    """Symmetric InfoNCE on (image, one of its captions) batches of distinct images.
+
+    About ``twin_share`` of each batch is whole twin groups, so the encoders see captions that share
+    every word and must read word order to tell them apart.
+    """
     model.to(cfg.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
     rng = np.random.default_rng(cfg.seed)
@@ -116,7 +121,7 @@ def train_prefilter(
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        images = rng.choice(n, size=min(cfg.batch, n), replace=False)
+        images = _prefilter_batch(data, min(cfg.batch, n), twin_share, rng)
         captions = [data.texts[int(rng.choice(data.image_texts[i]))] for i in images]
         text = {k: v.to(cfg.device) for k, v in clip_text_batch(tokenizer, captions).items()}
         pixels = data.clip_pixels[images].float().to(cfg.device)
@@ -140,6 +145,24 @@ def train_prefilter(
         if step % cfg.save_every == 0 or step == cfg.steps:
             _save_state(state_path, step, {"model": model, "opt": opt}, rng)
     return model.eval()
+
+
+def _prefilter_batch(data: TrainData, size: int, twin_share: float, rng: np.random.Generator) -> np.ndarray:
+    """Distinct image indices: whole twin groups up to ``twin_share`` of the batch, the rest at random."""
+    chosen: list[int] = []
+    if data.groups and twin_share > 0:
+        for g in rng.permutation(len(data.groups)):
+            group = data.groups[int(g)]
+            if len(chosen) + len(group) > size * twin_share:
+                break
+            chosen.extend(group)
+    taken = set(chosen)
+    for i in rng.permutation(data.n_images):
+        if len(chosen) >= size:
+            break
+        if int(i) not in taken:
+            chosen.append(int(i))
+    return np.array(chosen)
 
 
 @torch.inference_mode()
@@ -201,45 +224,74 @@ def _pad_ids(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor,
 
 @dataclass(frozen=True)
 class RerankSampling:
-    """How each caption's candidate list is drawn."""
+    """How each caption's image list, and each image's caption list, is drawn (ALBEF-style, both ways)."""
 
     captions: int = 16  # captions per step
-    hard: int = 5  # negatives with the highest prefilter similarity in the pool (twins first)
-    random: int = 2  # uniformly random negatives
-    pool: int = 48  # random images the hard negatives are mined from, plus the caption's twin group
+    hard: int = 5  # negative images with the highest prefilter similarity in the pool (twins first)
+    random: int = 2  # uniformly random negative images
+    # Random images the hard negatives are mined from, plus the caption's twin group. A wide pool
+    # holds the scenes that differ from the caption in one word, which a test set of 1000 is full of.
+    pool: int = 512
+    text_hard: int = 4  # negative captions for the caption's image, mined by the prefilter
+    text_random: int = 1
+    text_pool: int = 1024
     grounding_weight: float = 1.0
     # Curriculum: mined negatives carry no signal until the model knows which objects an image
     # holds, so they come in only once the positive beats random negatives this often.
     curriculum_accuracy: float = 0.9
 
 
-def _mine(
-    data: TrainData,
-    t: int,
-    rng: np.random.Generator,
-    sampling: RerankSampling,
-    sims: tuple[np.ndarray, np.ndarray],
-    group_of: dict[int, list[int]],
-    hard_on: bool,
-) -> list[int]:
-    pos = int(data.text_image[t])
-    if not hard_on:
-        width = sampling.hard + sampling.random
-        rand = [int(i) for i in rng.choice(data.n_images, size=width + 2, replace=False) if int(i) != pos]
-        return [pos, *rand[:width]]
-    img_emb, txt_emb = sims
-    pool = set(rng.choice(data.n_images, size=min(sampling.pool, data.n_images), replace=False).tolist())
-    pool.update(group_of.get(pos, []))
-    pool.discard(pos)
-    cands = np.array(sorted(pool))
-    scores = img_emb[cands] @ txt_emb[t]
-    hard = cands[np.argsort(-scores)[: sampling.hard]].tolist()
-    rand = [
-        int(i)
-        for i in rng.choice(data.n_images, size=sampling.random)
-        if int(i) != pos and int(i) not in hard
-    ]
-    return [pos, *hard, *rand]
+@dataclass
+class _Miner:
+    """Hard negatives from the prefilter's embeddings; never a negative that carries the same caption."""
+
+    data: TrainData
+    sampling: RerankSampling
+    img_emb: np.ndarray
+    txt_emb: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.group_of = {i: g for g in self.data.groups for i in g}
+        by_text: dict[str, set[int]] = {}
+        for t, text in enumerate(self.data.texts):
+            by_text.setdefault(text, set()).add(int(self.data.text_image[t]))
+        # Images that show the caption's scene: duplicates in a training set are not negatives.
+        self.same_scene = [by_text[text] for text in self.data.texts]
+
+    def images(self, t: int, rng: np.random.Generator, hard_on: bool) -> list[int]:
+        """Caption ``t``'s image first, then negative images."""
+        s, data = self.sampling, self.data
+        pos = int(data.text_image[t])
+        excluded = self.same_scene[t]
+        if not hard_on:
+            width = s.hard + s.random
+            size = min(data.n_images, width + len(excluded) + 1)
+            drawn = rng.choice(data.n_images, size=size, replace=False)
+            return [pos, *[int(i) for i in drawn.tolist() if int(i) not in excluded][:width]]
+        pool = set(rng.choice(data.n_images, size=min(s.pool, data.n_images), replace=False).tolist())
+        pool.update(self.group_of.get(pos, []))
+        cands = np.array(sorted(pool - excluded))
+        scores = self.img_emb[cands] @ self.txt_emb[t]
+        hard = cands[np.argsort(-scores)[: s.hard]].tolist()
+        taken = excluded | set(hard)
+        rand = [int(i) for i in rng.choice(data.n_images, size=s.random) if int(i) not in taken]
+        return [pos, *hard, *rand]
+
+    def texts(self, t: int, rng: np.random.Generator, width: int) -> list[int]:
+        """``width`` negative captions for caption ``t``'s image: the prefilter's nearest, then random."""
+        s, data = self.sampling, self.data
+        pos = int(data.text_image[t])
+        own = {data.texts[j] for j in data.image_texts[pos]}
+        n = len(data.texts)
+        pool = set(rng.choice(n, size=min(s.text_pool, n), replace=False).tolist())
+        for img in self.group_of.get(pos, []):
+            pool.update(data.image_texts[img])
+        cands = np.array(sorted(j for j in pool if data.texts[j] not in own))
+        scores = self.txt_emb[cands] @ self.img_emb[pos]
+        hard: list[int] = [int(j) for j in cands[np.argsort(-scores)[: min(s.text_hard, width)]]]
+        others = [int(j) for j in rng.choice(n, size=min(n, 4 * width + 8 * len(own)), replace=False)]
+        hard += [j for j in others if data.texts[j] not in own and j not in hard][: width - len(hard)]
+        return hard
 
 
 def train_reranker(
@@ -251,10 +303,12 @@ def train_reranker(
     sampling: RerankSampling = RerankSampling(),
     on_step: StepFn | None = None,
 ) -> Any:
-    """Listwise ITM: each caption against its image and negatives mined by the prefilter.
+    """Listwise ITM in both directions, on negatives mined by the prefilter (as ALBEF does).
 
-    With object boxes in the data, a grounding head also predicts each named object's box from the
-    output at its noun: a dense signal that teaches which patches a phrase refers to.
+    Each caption is ranked against its image and negative images (text→image); once mined
+    negatives are on, its image is also ranked against the caption and negative captions
+    (image→text). With object boxes in the data, a grounding head also predicts each named object's
+    box from the output at its noun: a dense signal that teaches which patches a phrase refers to.
     """
     model.to(cfg.device).train()
     hidden = model.config.hidden_size
@@ -265,8 +319,9 @@ def train_reranker(
     torch.manual_seed(cfg.seed)
     modules = {"model": model, "ground": ground_head, "opt": opt}
     step = _load_state(state_path, modules, rng)
-    group_of = {i: g for g in data.groups for i in g}
+    miner = _Miner(data, sampling, *sims)
     n_texts = len(data.texts)
+    text_width = sampling.text_hard + sampling.text_random
     # A marker file records that the curriculum switched, so a resumed run keeps mined negatives on.
     hard_marker = state_path.with_suffix(".hard")
     accuracy_ema, hard_on = 0.0, sampling.curriculum_accuracy <= 0 or hard_marker.exists()
@@ -275,25 +330,42 @@ def train_reranker(
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         texts = rng.choice(n_texts, size=sampling.captions, replace=False)
-        lists = [_mine(data, int(t), rng, sampling, sims, group_of, hard_on) for t in texts]
+        lists = [miner.images(int(t), rng, hard_on) for t in texts]
         width = min(len(c) for c in lists)
         lists = [c[:width] for c in lists]
+        text_lists = [miner.texts(int(t), rng, text_width) for t in texts] if hard_on and text_width else []
+        text_w = min((len(c) for c in text_lists), default=0)
+        text_lists = [c[:text_w] for c in text_lists] if text_w else []
         unique = sorted({i for c in lists for i in c})
         where = {img: k for k, img in enumerate(unique)}
+        pair_img = [where[i] for c in lists for i in c]
+        pair_txt = [data.vilt_ids[int(t)] for t, c in zip(texts, lists, strict=True) for _ in c]
+        for c, negs in zip(lists, text_lists, strict=False):  # no caption lists before the curriculum
+            pair_img += [where[c[0]]] * len(negs)
+            pair_txt += [data.vilt_ids[j] for j in negs]
+        n_t2i = len(texts) * width
         with _autocast(cfg):
             tokens, tmask = vilt_embed(model, [data.vilt_pixels[i] for i in unique], cfg.device)
-            pair_img = torch.tensor([where[i] for c in lists for i in c], device=cfg.device)
-            pair_txt = [data.vilt_ids[int(t)] for t, c in zip(texts, lists, strict=True) for _ in c]
+            rows = torch.tensor(pair_img, device=cfg.device)
             ids, amask = _pad_ids(pair_txt, cfg.device)
             out = model.vilt(
                 input_ids=ids,
                 attention_mask=amask,
                 token_type_ids=torch.zeros_like(ids),
-                image_embeds=tokens[pair_img],
-                pixel_mask=tmask[pair_img],
+                image_embeds=tokens[rows],
+                pixel_mask=tmask[rows],
             )
-            logits = model.rank_output(out.pooler_output).float().view(len(texts), width)
-        itm = F.cross_entropy(logits, torch.zeros(len(texts), dtype=torch.long, device=cfg.device))
+            scores = model.rank_output(out.pooler_output).float().squeeze(-1)
+        logits = scores[:n_t2i].view(len(texts), width)
+        zeros = torch.zeros(len(texts), dtype=torch.long, device=cfg.device)
+        itm = F.cross_entropy(logits, zeros)
+        extra: dict[str, float] = {}
+        if text_lists:
+            # The caption's own pair (the first of its image list) against the negative captions.
+            i2t = torch.cat([logits[:, :1], scores[n_t2i:].view(len(texts), text_w)], dim=1)
+            i2t_loss = F.cross_entropy(i2t, zeros)
+            itm = (itm + i2t_loss) / 2
+            extra["acc_i2t"] = float((i2t[:, 0] > i2t[:, 1:].max(dim=1).values).float().mean())
         loss = itm
         # Strictly above every negative: tied logits (an untrained head) do not count as right.
         accuracy = float((logits[:, 0] > logits[:, 1:].max(dim=1).values).float().mean())
@@ -301,7 +373,7 @@ def train_reranker(
         if not hard_on and accuracy_ema >= sampling.curriculum_accuracy:
             hard_on = True
             hard_marker.touch()
-        extra = {"acc": accuracy, "hard": float(hard_on)}
+        extra = {"acc": accuracy, **extra, "hard": float(hard_on)}
         if data.grounding is not None and sampling.grounding_weight > 0:
             pos_rows = torch.arange(len(texts), device=cfg.device) * width
             tok = torch.from_numpy(data.grounding.token_index[texts]).to(cfg.device)
@@ -322,7 +394,7 @@ def train_reranker(
         step += 1
         if on_step is not None:
             dt = time.perf_counter() - t0
-            on_step(StepInfo("reranker", step, cfg.steps, itm.item(), len(texts) * width / dt, extra))
+            on_step(StepInfo("reranker", step, cfg.steps, itm.item(), len(pair_img) / dt, extra))
         if step % cfg.save_every == 0 or step == cfg.steps:
             _save_state(state_path, step, modules, rng)
     return model.eval()

@@ -39,8 +39,8 @@ class TrainRequest:
     prefilter_steps: int = 600
     reranker_steps: int = 6000
     prefilter_batch: int = 256
-    prefilter_lr: float = 1e-3
-    reranker_lr: float = 5e-4
+    prefilter_lr: float | None = None  # default: 1e-3 from scratch, 1e-5 when fine-tuning
+    reranker_lr: float | None = None  # default: 5e-4 from scratch, 1e-4 when fine-tuning (ViLT's value)
     sampling: RerankSampling = field(default_factory=RerankSampling)
     small: SmallConfig = field(default_factory=SmallConfig)
     seed: int = 0
@@ -120,10 +120,12 @@ def train(
     say(f"preprocessing {len(split.images)} images ({len(split.texts)} captions)")
     data = load_train_data(split, raw, vilt_proc, clip_proc, cache_dir=work)
 
+    prefilter_lr = req.prefilter_lr or (1e-5 if req.prefilter_init else 1e-3)
+    reranker_lr = req.reranker_lr or (1e-4 if req.reranker_init else 5e-4)
     say(f"training the prefilter for {req.prefilter_steps} steps (precision {dtype or torch.float32})")
     pre_cfg = LoopConfig(
         steps=req.prefilter_steps,
-        lr=req.prefilter_lr,
+        lr=prefilter_lr,
         batch=req.prefilter_batch,
         seed=req.seed,
         device=device,
@@ -138,7 +140,7 @@ def train(
     say(f"training the reranker for {req.reranker_steps} steps")
     re_cfg = LoopConfig(
         steps=req.reranker_steps,
-        lr=req.reranker_lr,
+        lr=reranker_lr,
         batch=req.sampling.captions,
         seed=req.seed,
         device=device,
@@ -166,6 +168,10 @@ def train(
         "small_config": asdict(req.small) if not (req.prefilter_init or req.reranker_init) else None,
         "prefilter_init": req.prefilter_init,
         "reranker_init": req.reranker_init,
+        "prefilter_lr": prefilter_lr,
+        "reranker_lr": reranker_lr,
+        # How the starting checkpoints were made, when they were made by this command.
+        "init_training": _init_training(req),
         "precision": str(dtype or torch.float32),
         "device": req.device,
         "cpu": platform.processor() or platform.machine(),
@@ -182,6 +188,15 @@ def train(
         record["wall_seconds_total"] = record["wall_seconds_this_run"]
     previous.write_text(json.dumps(record, indent=2) + "\n")
     return req.out
+
+
+def _init_training(req: TrainRequest) -> dict[str, Any] | None:
+    records = {}
+    for name, init in (("prefilter", req.prefilter_init), ("reranker", req.reranker_init)):
+        record = Path(init).parent / "TRAINING.json" if init else None
+        if record is not None and record.is_file():
+            records[name] = json.loads(record.read_text())
+    return records or None
 
 
 def _export(model: Any, processor: Any, folder: Path) -> None:

@@ -97,3 +97,50 @@ def test_train_exports_loadable_models_and_resumes(tmp_path: Path) -> None:
     train(req, command="test")
     again = load_reranker(str(out / "reranker"), cpu)
     assert all(torch.equal(weights[k], v) for k, v in again.model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_fine_tune_from_checkpoints_with_mined_negatives_both_ways(tmp_path: Path) -> None:
+    data = generate(tmp_path / "train", 32, seed=5, split="train", workers=1)
+    small = SmallConfig(
+        vilt_hidden=32, vilt_layers=1, vilt_heads=2, clip_hidden=32, clip_layers=1, clip_heads=2
+    )
+    # curriculum_accuracy=0: mined negatives (images per caption, captions per image) from step one.
+    sampling = RerankSampling(
+        captions=4, hard=2, random=1, pool=8, text_hard=2, text_random=1, text_pool=16, curriculum_accuracy=0
+    )
+    base = TrainRequest(
+        dataset=data,
+        out=tmp_path / "base",
+        prefilter_steps=2,
+        reranker_steps=2,
+        prefilter_batch=8,
+        sampling=sampling,
+        small=small,
+        precision="fp32",
+    )
+    first = train(base, command="base")
+    tuned = train(
+        TrainRequest(
+            dataset=data,
+            out=tmp_path / "tuned",
+            prefilter_init=str(first / "prefilter"),
+            reranker_init=str(first / "reranker"),
+            prefilter_steps=2,
+            reranker_steps=2,
+            prefilter_batch=8,
+            sampling=sampling,
+            precision="fp32",
+            seed=1,
+        ),
+        command="tuned",
+    )
+    record = json.loads((tuned / "TRAINING.json").read_text())
+    # Fine-tuning defaults to gentler rates, and records how its starting point was made.
+    assert record["prefilter_lr"] == 1e-5 and record["reranker_lr"] == 1e-4
+    assert record["init_training"]["reranker"]["command"] == "base"
+    cpu = torch.device("cpu")
+    before = load_reranker(str(first / "reranker"), cpu).model.state_dict()
+    after = load_reranker(str(tuned / "reranker"), cpu).model.state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
