@@ -120,6 +120,10 @@ def search(
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Prefilter only; score is the cosine.")
     ] = False,
+    itm_only: Annotated[
+        bool,
+        typer.Option("--itm-only", help="Rank by the ViLT ITM logit alone, not ITM + the prefilter's logit."),
+    ] = False,
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
     model: ModelPreset = None,
@@ -156,7 +160,14 @@ def search(
         if decoded is None:
             assert query is not None
             result = search_text(
-                ctx.library, pre, rer, query, k=k, candidates=n_candidates, on_progress=_progress_fn(bar)
+                ctx.library,
+                pre,
+                rer,
+                query,
+                k=k,
+                candidates=n_candidates,
+                on_progress=_progress_fn(bar),
+                fuse=not itm_only,
             )
         elif texts:
             result = search_image_texts(
@@ -168,6 +179,7 @@ def search(
                 candidates=n_candidates,
                 label=str(image),
                 on_progress=_progress_fn(bar),
+                fuse=not itm_only,
             )
         else:
             result = search_image(ctx.library, pre, decoded, k=k, label=str(image))

@@ -17,14 +17,15 @@ def _table(result: dict[str, object]) -> str:
     rows = [
         ("prefilter", result["prefilter"]),
         ("rerank", result.get("rerank")),
+        ("rerank, ITM only", result.get("rerank_itm_only")),
         ("brute force", result.get("brute_force")),
     ]
     keys = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"]
-    lines = [f"{'':>12}  " + "  ".join(f"{k:>7}" for k in keys) + "    pairs"]
+    lines = [f"{'':>16}  " + "  ".join(f"{k:>7}" for k in keys) + "    pairs"]
     for name, row in rows:
         if isinstance(row, dict):
             pairs = row.get("pairs", "")
-            lines.append(f"{name:>12}  " + "  ".join(f"{row[k]:>7.2f}" for k in keys) + f"  {pairs:>7}")
+            lines.append(f"{name:>16}  " + "  ".join(f"{row[k]:>7.2f}" for k in keys) + f"  {pairs:>7}")
     return "\n".join(lines)
 
 
@@ -47,6 +48,14 @@ def evaluate_command(
         bool, typer.Option("--brute-force", help="Also score every pair with ViLT (small sets only).")
     ] = False,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Prefilter only.")] = False,
+    itm_only: Annotated[
+        bool,
+        typer.Option(
+            "--itm-only",
+            help="Rank the candidates by the ITM logit alone (ALBEF), not ITM + prefilter logit (BLIP, "
+            "what searches do).",
+        ),
+    ] = False,
     save_scores: Annotated[
         Path | None,
         typer.Option("--save-scores", help="Write the score matrices to this .npz file.", show_default=False),
@@ -106,6 +115,7 @@ def evaluate_command(
             brute_force=brute_force,
             work_dir=work_dir or ctx.library.home / "eval",
             on_stage=on_stage,
+            fuse=not itm_only,
         )
         for bar in bars.values():
             if bar is not None:

@@ -16,6 +16,9 @@ class DualEncoder(Protocol):
     name: str
     fingerprint: str
     dim: int
+    #: The encoder's own cosine-to-logit scale (CLIP's learned temperature); the rerank adds
+    #: ``logit_scale * cosine`` to the ITM logit.
+    logit_scale: float
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed images."""
@@ -51,6 +54,8 @@ class ClipEncoder:
         self.device = device
         self.batch_size = batch_size
         self.dim = int(model.config.projection_dim)
+        # CLIP clamps its scale at 100 in training; the same clamp here.
+        self.logit_scale = float(min(100.0, float(model.logit_scale.detach().exp())))
         tokenizer = processor.tokenizer
         self.max_length = int(
             min(getattr(tokenizer, "model_max_length", 77), model.config.text_config.max_position_embeddings)

@@ -22,6 +22,7 @@ from .errors import RetrieverError
 from .images import read_and_decode
 from .metrics import RecallResult, recall_at_k
 from .rerank import Reranker
+from .search import fused_score
 
 #: Above this many pairs, brute force is called out as impractical (hours of CPU for ViLT-B/32).
 BRUTE_FORCE_WARN_PAIRS = 200_000
@@ -47,6 +48,11 @@ class EvalResult:
     rerank_t2i: np.ndarray | None = None
     rerank_i2t: np.ndarray | None = None
     brute_force_scores: np.ndarray | None = None
+    #: How ``rerank`` ranks: "itm+prefilter" (``search.fused_score``, what searches return) or "itm".
+    rerank_score: str = "itm+prefilter"
+    prefilter_logit_scale: float = 0.0
+    #: With the fused score, the same candidates ranked by the ITM logit alone (the ALBEF protocol).
+    rerank_itm_only: RecallResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The ``--json`` form."""
@@ -60,7 +66,10 @@ class EvalResult:
                 **_rounded(self.rerank.as_dict()),
                 "candidates": self.candidates,
                 "pairs": self.rerank_pairs,
+                "score": self.rerank_score,
             }
+        if self.rerank_itm_only is not None:
+            out["rerank_itm_only"] = _rounded(self.rerank_itm_only.as_dict())
         if self.brute_force is not None:
             out["brute_force"] = {**_rounded(self.brute_force.as_dict()), "pairs": self.brute_force_pairs}
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
@@ -68,7 +77,12 @@ class EvalResult:
 
     def save_scores(self, path: Path) -> None:
         """Write what the metrics were computed from, so anyone can recompute them."""
-        arrays: dict[str, np.ndarray] = {"text_image": self.text_image, "prefilter": self.prefilter_scores}
+        arrays: dict[str, np.ndarray] = {
+            "text_image": self.text_image,
+            "prefilter": self.prefilter_scores,
+            # The fused rerank ranks by rerank + prefilter_logit_scale * prefilter (0 when ITM only).
+            "prefilter_logit_scale": np.array(self.prefilter_logit_scale, dtype=np.float32),
+        }
         if self.rerank_t2i is not None and self.rerank_i2t is not None:
             arrays["rerank_t2i"] = self.rerank_t2i
             arrays["rerank_i2t"] = self.rerank_i2t
@@ -137,8 +151,13 @@ def evaluate(
     brute_force: bool = False,
     work_dir: Path | None = None,
     on_stage: StageFn | None = None,
+    fuse: bool = True,
 ) -> EvalResult:
-    """Recall@1/5/10 in both directions for each stage."""
+    """Recall@1/5/10 in both directions for each stage.
+
+    With ``fuse`` the rerank ranks its candidates as searches do (``search.fused_score``) and the
+    ITM-only ranking is reported beside it; without, by the ITM logit alone.
+    """
     if candidates < 1:
         raise RetrieverError(f"candidates must be at least 1, got {candidates}")
     missing = split.missing_images()
@@ -212,7 +231,15 @@ def evaluate(
     t2i[t2i_pairs[:, 0], t2i_pairs[:, 1]] = scores[: len(t2i_pairs)]
     i2t = np.full((n_img, len(texts)), -np.inf, dtype=np.float32)
     i2t[i2t_pairs[:, 1], i2t_pairs[:, 0]] = scores[len(t2i_pairs) :]
-    result.rerank = recall_at_k(t2i, split.text_image, i2t)
+    if fuse:
+        scale = prefilter.logit_scale
+        fused_t2i, fused_i2t = fused_score(t2i, pre, scale), fused_score(i2t, pre.T, scale)
+        result.rerank = recall_at_k(fused_t2i, split.text_image, fused_i2t)
+        result.rerank_itm_only = recall_at_k(t2i, split.text_image, i2t)
+        result.prefilter_logit_scale = scale
+    else:
+        result.rerank = recall_at_k(t2i, split.text_image, i2t)
+        result.rerank_score = "itm"
     result.rerank_t2i, result.rerank_i2t = t2i, i2t
     result.rerank_pairs = len(all_pairs)
     seconds["rerank"] = time.perf_counter() - t0

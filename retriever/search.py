@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from .encoders import DualEncoder
@@ -17,9 +18,21 @@ from .rerank import ProgressFn, Reranker
 MAX_QUERY_CHARS = 1000
 
 
+def fused_score(itm_logit: npt.ArrayLike, cosine: npt.ArrayLike, logit_scale: float) -> np.ndarray:
+    """The rerank's ranking score: the ITM logit plus the prefilter's own logit (scale x cosine).
+
+    BLIP ranks its top-k the same way (ITM score + ITC similarity). The two stages err differently:
+    ViLT binds words to objects (twins), the dual encoder is sure of which words an image holds, and
+    the sum keeps both. No weight is tuned: the prefilter's learned temperature converts its cosine
+    into a logit. ``--itm-only`` ranks by the ITM logit alone (the ALBEF protocol).
+    """
+    return np.asarray(itm_logit, dtype=np.float32) + np.float32(logit_scale) * np.asarray(cosine, np.float32)
+
+
 @dataclass(frozen=True)
 class Hit:
-    """One result. ``score`` is the ViLT ITM logit after a rerank, else the prefilter cosine."""
+    """One result. After a rerank, ``score`` is the fused score (see ``fused_score``) and
+    ``rerank_score`` the ViLT ITM logit alone; without one, ``score`` is the prefilter cosine."""
 
     id: int
     score: float
@@ -85,6 +98,7 @@ def search_text(
     k: int = 10,
     candidates: int = 100,
     on_progress: ProgressFn | None = None,
+    fuse: bool = True,
 ) -> SearchResult:
     """Text→image: the top ``candidates`` by prefilter cosine, reranked by ViLT ITM (unless no reranker)."""
     query = clean_query(query)
@@ -103,8 +117,16 @@ def search_text(
     clock.lap("load")
     logits = reranker.score_pairs([query], tokens, [(0, j) for j in range(len(hits))], on_progress)
     clock.lap("rerank")
-    hits = [replace(h, score=float(s), rerank_score=float(s)) for h, s in zip(hits, logits, strict=True)]
+    hits = _reranked(hits, logits, prefilter.logit_scale if fuse else 0.0)
     return SearchResult(query, _rank(hits, k), clock.timings)
+
+
+def _reranked(hits: list[Hit], logits: np.ndarray, logit_scale: float) -> list[Hit]:
+    cosines = np.array([h.prefilter_score for h in hits], dtype=np.float32)
+    fused = fused_score(logits, cosines, logit_scale)
+    return [
+        replace(h, score=float(f), rerank_score=float(s)) for h, s, f in zip(hits, logits, fused, strict=True)
+    ]
 
 
 def search_image(
@@ -132,6 +154,7 @@ def search_image_texts(
     candidates: int = 100,
     label: str = "",
     on_progress: Callable[[int, int], None] | None = None,
+    fuse: bool = True,
 ) -> SearchResult:
     """Image→text over the caption collection: prefilter, then ViLT with the image's tokens computed once."""
     _check_k(k, candidates)
@@ -152,5 +175,5 @@ def search_image_texts(
     texts = [h.text or "" for h in hits]
     logits = reranker.score_pairs(texts, [image_tokens], [(j, 0) for j in range(len(hits))], on_progress)
     clock.lap("rerank")
-    hits = [replace(h, score=float(s), rerank_score=float(s)) for h, s in zip(hits, logits, strict=True)]
+    hits = _reranked(hits, logits, prefilter.logit_scale if fuse else 0.0)
     return SearchResult(label, _rank(hits, k), clock.timings)

@@ -83,6 +83,7 @@ class SerializedTexts:
     def __init__(self, inner: DualEncoder) -> None:
         self.inner = inner
         self.name, self.fingerprint, self.dim = inner.name, inner.fingerprint, inner.dim
+        self.logit_scale = inner.logit_scale
         self._lock = threading.Lock()
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

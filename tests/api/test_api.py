@@ -72,7 +72,9 @@ def test_text_search_matches_the_library_search(
     assert [h["id"] for h in body["data"]] == [h.id for h in reference.hits]
     for got, want in zip(body["data"], reference.hits, strict=True):
         assert got["score"] == pytest.approx(want.score, abs=1e-4)
-        assert got["rerank_score"] == got["score"]
+        # The ranking score is the ITM logit plus the prefilter's logit (search.fused_score).
+        fused = got["rerank_score"] + pre.logit_scale * got["prefilter_score"]
+        assert got["score"] == pytest.approx(fused, abs=1e-3)
         assert got["prefilter_score"] == pytest.approx(want.prefilter_score, abs=1e-5)
         assert got["path"] == want.path and got["filename"] == os.path.basename(want.path or "")
         assert Path(got["path"]).parent == photos.resolve()
@@ -132,7 +134,8 @@ def test_image_search_finds_the_same_image_and_captions(
     assert texts["target"] == "texts" and texts["count"] == 2
     assert {h["id"] for h in texts["data"]} == {"c1", "c2"}
     assert {h["text"] for h in texts["data"]} == {"a red square", "a blue circle"}
-    assert all(h["rerank_score"] == h["score"] for h in texts["data"])
+    assert all(h["rerank_score"] is not None and h["score"] != h["rerank_score"] for h in texts["data"])
+    assert [h["score"] for h in texts["data"]] == sorted((h["score"] for h in texts["data"]), reverse=True)
     plain = client.post("/v1/search/image", files=files, data={"target": "texts", "rerank": "false"}).json()
     assert all(h["rerank_score"] is None for h in plain["data"])
 

@@ -51,7 +51,13 @@ def test_eval_matrices_and_recalls_agree(shapes_test: Path, tiny_models, tmp_pat
     # Reranked scores of the same pair agree with brute force (same model, same pair).
     finite = np.isfinite(res.rerank_t2i)
     np.testing.assert_allclose(res.rerank_t2i[finite], res.brute_force_scores[finite], atol=1e-4)
-    assert res.rerank == recall_at_k(res.rerank_t2i, split.text_image, res.rerank_i2t)
+    # The rerank ranks as searches do: ITM logit + the prefilter's logit; ITM alone is reported too.
+    scale = pre.logit_scale
+    assert scale > 0 and res.rerank_score == "itm+prefilter"
+    fused_t2i = res.rerank_t2i + scale * res.prefilter_scores
+    fused_i2t = res.rerank_i2t + scale * res.prefilter_scores.T
+    assert res.rerank == recall_at_k(fused_t2i, split.text_image, fused_i2t)
+    assert res.rerank_itm_only == recall_at_k(res.rerank_t2i, split.text_image, res.rerank_i2t)
     assert res.prefilter == recall_at_k(res.prefilter_scores, split.text_image)
     assert res.brute_force_pairs == n_img * n_txt
     assert res.rerank_pairs <= n_txt * 4 + n_img * 4
@@ -64,7 +70,16 @@ def test_eval_matrices_and_recalls_agree(shapes_test: Path, tiny_models, tmp_pat
     assert out["rerank"]["candidates"] == 4 and out["rerank"]["pairs"] == res.rerank_pairs
     res.save_scores(tmp_path / "s.npz")
     saved = np.load(tmp_path / "s.npz")
-    assert recall_at_k(saved["rerank_t2i"], saved["text_image"], saved["rerank_i2t"]) == res.rerank
+    w = float(saved["prefilter_logit_scale"])
+    fused = recall_at_k(
+        saved["rerank_t2i"] + w * saved["prefilter"],
+        saved["text_image"],
+        saved["rerank_i2t"] + w * saved["prefilter"].T,
+    )
+    assert fused == res.rerank
+    assert out["rerank_itm_only"] == res.as_dict()["rerank_itm_only"]
+    itm = evaluate(split, pre, rer, candidates=4, work_dir=tmp_path / "work", fuse=False)
+    assert itm.rerank == res.rerank_itm_only and itm.rerank_itm_only is None and itm.rerank_score == "itm"
 
 
 @pytest.mark.slow
