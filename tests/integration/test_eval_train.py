@@ -18,6 +18,9 @@ from retriever.training.build import SmallConfig
 from retriever.training.loop import RerankSampling
 from retriever.training.run import TrainRequest, train
 
+# Models small enough to train a few steps in a test.
+TINY = SmallConfig(vilt_hidden=32, vilt_layers=1, vilt_heads=2, clip_hidden=32, clip_layers=1, clip_heads=2)
+
 
 @pytest.fixture(scope="module")
 def shapes_test(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -85,9 +88,7 @@ def test_eval_matrices_and_recalls_agree(shapes_test: Path, tiny_models, tmp_pat
 @pytest.mark.slow
 def test_train_exports_loadable_models_and_resumes(tmp_path: Path) -> None:
     data = generate(tmp_path / "train", 24, seed=3, split="train", workers=1)
-    small = SmallConfig(
-        vilt_hidden=32, vilt_layers=1, vilt_heads=2, clip_hidden=32, clip_layers=1, clip_heads=2
-    )
+    small = TINY
     req = TrainRequest(
         dataset=data,
         out=tmp_path / "out",
@@ -117,9 +118,7 @@ def test_train_exports_loadable_models_and_resumes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fine_tune_from_checkpoints_with_mined_negatives_both_ways(tmp_path: Path) -> None:
     data = generate(tmp_path / "train", 32, seed=5, split="train", workers=1)
-    small = SmallConfig(
-        vilt_hidden=32, vilt_layers=1, vilt_heads=2, clip_hidden=32, clip_layers=1, clip_heads=2
-    )
+    small = TINY
     # curriculum_accuracy=0: mined negatives (images per caption, captions per image) from step one.
     sampling = RerankSampling(
         captions=4, hard=2, random=1, pool=8, text_hard=2, text_random=1, text_pool=16, curriculum_accuracy=0
