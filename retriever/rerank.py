@@ -82,13 +82,15 @@ class ViltReranker:
         precision_reason: str = "",
         sdpa: bool = True,
         max_padding: float = 0.1,
+        fp32_residual: bool = False,
     ) -> None:
         """Wrap ``model``, prepared in place (``retriever.perf.prepare_vilt``) for ``precision``.
 
         Without ``precision``, ``dtype`` names it (float32, bfloat16, float16), as before precisions
         existed. ``sdpa`` swaps the attention for ``scaled_dot_product_attention``. ``batch_size``
         caps the pairs per forward pass; a batch also ends where adding the next pair would make
-        more than ``max_padding`` of its tokens padding.
+        more than ``max_padding`` of its tokens padding. ``fp32_residual`` keeps the residual stream
+        of a bf16 CPU model in fp32 (more accurate, slower; see ``retriever.perf.FusedViltLayer``).
         """
         self.model = model.eval().to(device)
         self.processor = processor
@@ -110,7 +112,9 @@ class ViltReranker:
         config = model.config
         self.hidden = int(config.hidden_size)
         self.max_text_tokens = int(config.max_position_embeddings)
-        self.prepared: PreparedModel = prepare_vilt(self.model, precision, device, sdpa=sdpa)
+        self.prepared: PreparedModel = prepare_vilt(
+            self.model, precision, device, sdpa=sdpa, fp32_residual=fp32_residual
+        )
         self.attention = self.prepared.attention
 
     # -- index time -------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class ViltReranker:
         pad_id = int(self.processor.tokenizer.pad_token_id or 0)
         input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
         text_mask = torch.zeros((n, t_len), dtype=torch.long)
-        # fp32 in every precision: the embeddings and the residual stream stay fp32 (see perf.prepare_vilt).
+        # fp32 in every precision: the embeddings stay fp32 (see perf.prepare_vilt).
         embeds = torch.empty((n, i_len, self.hidden), dtype=torch.float32)
         image_mask = torch.zeros((n, i_len), dtype=torch.long)
         for row, (ids, tokens) in enumerate(zip(text_ids, image_tokens, strict=True)):
