@@ -53,11 +53,12 @@ def _report_text(report: Any) -> str:
             f"{c.engine_gflops:>8.1f} {c.engine_share_of_peak:>8.1%}"
         )
     lines.append(f"   steps ({r.step_case[0]} text + {r.step_case[1]} image tokens):")
-    lines.append(f"   {'pairs/s':>9} {'vs naive':>8} {'GFLOP/s':>8} {'of peak':>8}  step")
+    lines.append(f"   {'pairs/s':>9} {'vs naive':>8} {'GFLOP/s':>8} {'of peak':>8} {'faults/pair':>11}  step")
     for s in r.steps:
+        faults = "" if s.page_faults_per_pair is None else f"{s.page_faults_per_pair:,.0f}"
         lines.append(
-            f"   {s.pairs_per_s:>9.2f} {s.speedup:>7.1f}x {s.gflops:>8.1f} {s.share_of_peak:>8.1%}  "
-            f"{s.name} [{s.dtype} peak]"
+            f"   {s.pairs_per_s:>9.2f} {s.speedup:>7.1f}x {s.gflops:>8.1f} {s.share_of_peak:>8.1%} "
+            f"{faults:>11}  {s.name} [{s.dtype} peak]"
         )
     lines.append(
         f"   engine logits against fp32: max |diff| {r.max_abs_logit_diff_vs_fp32:.4f}, "
