@@ -154,7 +154,7 @@ class BenchConfig:
             db_rows=100,
             peak_shapes=((1024, 768, 3072), (2576, 768, 3072)),
             peak_reps=3,
-            accuracy_images=1,
+            accuracy_images=4,
             extra_steps=False,
         )
 
