@@ -60,6 +60,14 @@ def _report_text(report: Any) -> str:
             f"   {s.pairs_per_s:>9.2f} {s.speedup:>7.1f}x {s.gflops:>8.1f} {s.share_of_peak:>8.1%} "
             f"{faults:>11}  {s.name} [{s.dtype} peak]"
         )
+    split = r.time_split
+    if split is not None:
+        lines.append(
+            f"   engine time: matmuls {split.linear_share:.0%} at {split.linear_gflops:.0f} GFLOP/s, "
+            f"attention {split.attention_share:.0%} at {split.attention_gflops:.0f} GFLOP/s, "
+            f"other {split.other_share:.0%}; with its matmuls at the peak the engine would reach "
+            f"{split.ceiling_share_of_peak:.0%} of it"
+        )
     lines.append(
         f"   engine logits against fp32: max |diff| {r.max_abs_logit_diff_vs_fp32:.4f}, "
         f"logit std {r.logit_std:.4f}"

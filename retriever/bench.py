@@ -217,6 +217,24 @@ class Step:
 
 
 @dataclass(frozen=True)
+class TimeSplit:
+    """Where one engine call spends its time, from a torch.profiler trace of the steps case."""
+
+    #: Share of the traced time in the encoder's matmuls (Linear layers, fused or quantized).
+    linear_share: float
+    #: Useful GFLOP/s of those matmuls alone.
+    linear_gflops: float
+    #: Share in attention (SDPA, or the eager QK^T / softmax / attention*V).
+    attention_share: float
+    attention_gflops: float
+    #: Share in everything else: LayerNorm, casts, adds, embeddings, the pooler and head.
+    other_share: float
+    #: The engine's share of the peak if its matmuls ran at the peak and the rest took as long as
+    #: now: how far this machine's other kernels let it go.
+    ceiling_share_of_peak: float
+
+
+@dataclass(frozen=True)
 class RerankResult:
     """Part 1."""
 
@@ -230,6 +248,7 @@ class RerankResult:
     step_case: tuple[int, int]
     max_abs_logit_diff_vs_fp32: float
     logit_std: float
+    time_split: TimeSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +410,67 @@ def pair_flops(text_tokens: int, image_tokens: int, config: Any) -> float:
     i = int(config.intermediate_size)
     layers = int(config.num_hidden_layers)
     return float(layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h) + 2 * h * h + 2 * h)
+
+
+def attention_flops(text_tokens: int, image_tokens: int, config: Any) -> float:
+    """The attention part of ``pair_flops``: QK^T and attention*V in every layer."""
+    t = text_tokens + image_tokens
+    return float(int(config.num_hidden_layers) * 4 * t * t * int(config.hidden_size))
+
+
+_LINEAR_OPS = ("linear", "addmm", "aten::mm", "aten::matmul")
+_ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::bmm", "softmax", "baddbmm")
+
+
+def _op_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(key in lowered for key in _ATTENTION_OPS):
+        return "attention"
+    if any(key in lowered for key in _LINEAR_OPS):
+        return "linear"
+    return "other"
+
+
+def time_split(
+    reranker: ViltReranker,
+    text: str,
+    tokens: Sequence[np.ndarray],
+    text_tokens: int,
+    peak_gflops: float,
+) -> TimeSplit | None:
+    """Profile one ``score_pairs`` call and split its time into matmuls, attention and the rest.
+
+    Self CPU time per op on the calling thread: intra-op worker threads run inside the op that
+    started them, so the shares are shares of wall time. None when the profiler is unavailable.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    pairs = [(0, j) for j in range(len(tokens))]
+    reranker.score_pairs([text], tokens, pairs)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reranker.score_pairs([text], tokens, pairs)
+    spent = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        spent[_op_kind(event.key)] += float(event.self_cpu_time_total) / 1e6
+    total = sum(spent.values())
+    if total <= 0:
+        return None
+    config = reranker.model.config
+    image_tokens = int(tokens[0].shape[0])
+    flops_attention = len(pairs) * attention_flops(text_tokens, image_tokens, config)
+    flops_linear = len(pairs) * pair_flops(text_tokens, image_tokens, config) - flops_attention
+    flops_all = flops_linear + flops_attention
+    at_peak = flops_linear / (peak_gflops * 1e9) + spent["attention"] + spent["other"]
+    return TimeSplit(
+        linear_share=_sig(spent["linear"] / total),
+        linear_gflops=_sig(flops_linear / max(spent["linear"], 1e-9) / 1e9),
+        attention_share=_sig(spent["attention"] / total),
+        attention_gflops=_sig(flops_attention / max(spent["attention"], 1e-9) / 1e9),
+        other_share=_sig(spent["other"] / total),
+        ceiling_share_of_peak=_sig(flops_all / at_peak / 1e9 / peak_gflops),
+    )
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -726,6 +806,9 @@ def bench_rerank(
         finally:
             configure_threads(threads)
 
+    step("rerank: where the engine's time goes (torch.profiler)")
+    split = time_split(engine, text, tokens[: cfg.engine_pairs], text_tokens, _peak_of(peaks, dtype_name))
+
     # Accuracy: distinct images, two texts, engine against the fp32 path.
     step("rerank: engine logits against fp32")
     sizes = cfg.image_sizes
@@ -748,6 +831,7 @@ def bench_rerank(
         step_case=(text_tokens, image_tokens),
         max_abs_logit_diff_vs_fp32=_sig(float(np.max(np.abs(got - reference)))),
         logit_std=_sig(float(np.std(reference))),
+        time_split=split,
     )
 
 

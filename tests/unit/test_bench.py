@@ -106,6 +106,10 @@ def test_report_structure(tiny_report: BenchReport) -> None:
     assert [s.name.startswith("engine:") for s in r.steps].count(True) == 1
     assert not any("1 thread" in s.name for s in r.steps)  # the bench already runs at one thread
     assert {p.dtype for p in tiny_report.peaks} >= {"fp32", "bf16"}
+    split = r.time_split
+    assert split is not None
+    assert math.isclose(split.linear_share + split.attention_share + split.other_share, 1.0, abs_tol=0.01)
+    assert 0 < split.ceiling_share_of_peak
     lat = tiny_report.latency
     assert [(row.n, row.candidates) for row in lat.rows] == [(200, 4), (200, 8), (400, 4), (400, 8)]
     assert all(row.index == "exact (flat)" and row.queries == 2 for row in lat.rows)
@@ -128,6 +132,18 @@ def test_bf16_engine_rows(tmp_path: Path) -> None:
     _check(report)
     assert report.rerank.precision == "bf16"
     assert [s.dtype for s in report.rerank.steps if s.name.startswith("engine:")] == ["bf16"]
+
+
+def test_op_kinds() -> None:
+    from retriever.bench import _op_kind
+
+    assert _op_kind("mkldnn::_linear_pointwise") == "linear"
+    assert _op_kind("quantized::linear_dynamic") == "linear"
+    assert _op_kind("aten::addmm") == "linear"
+    assert _op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert _op_kind("aten::softmax") == "attention"
+    assert _op_kind("aten::native_layer_norm") == "other"
+    assert _op_kind("aten::copy_") == "other"
 
 
 def test_pair_flops_formula() -> None:
