@@ -17,6 +17,7 @@ machine, so ``MachineInfo`` carries the load average at the start and the end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -25,9 +26,10 @@ import io
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -431,6 +433,19 @@ def _op_kind(name: str) -> str:
     return "other"
 
 
+@contextlib.contextmanager
+def _stderr_fd_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def time_split(
     reranker: ViltReranker,
     text: str,
@@ -449,7 +464,8 @@ def time_split(
         return None
     pairs = [(0, j) for j in range(len(tokens))]
     reranker.score_pairs([text], tokens, pairs)  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # The profiler's C++ side logs its start and stop to file descriptor 2; keep the report clean.
+    with _stderr_fd_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
         reranker.score_pairs([text], tokens, pairs)
     spent = {"linear": 0.0, "attention": 0.0, "other": 0.0}
     for event in prof.key_averages():
@@ -662,10 +678,6 @@ def _cached_tokens(
 
 
 def _minor_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return 0
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 

@@ -109,7 +109,7 @@ def test_report_structure(tiny_report: BenchReport) -> None:
     split = r.time_split
     assert split is not None
     assert math.isclose(split.linear_share + split.attention_share + split.other_share, 1.0, abs_tol=0.01)
-    assert 0 < split.ceiling_share_of_peak
+    assert split.ceiling_share_of_peak > 0
     lat = tiny_report.latency
     assert [(row.n, row.candidates) for row in lat.rows] == [(200, 4), (200, 8), (400, 4), (400, 8)]
     assert all(row.index == "exact (flat)" and row.queries == 2 for row in lat.rows)

@@ -144,7 +144,7 @@ if sys.argv[1] == "keep":
 for _ in range(8):  # 64 MB buffers, allocated and freed until the heap reaches its steady state
     torch.ones(16 << 20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     torch.ones(16 << 20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -158,9 +158,12 @@ def test_keep_freed_memory_stops_refaulting_activations() -> None:
         )
         return int(out.stdout.split()[-1])
 
-    # 5 x 64 MB of 4 KiB pages: about 80k faults when every buffer comes fresh from the kernel.
-    assert faults("default") > 40_000
-    assert faults("keep") < 2_000
+    # 10 x 64 MB of 4 KiB pages: about 164k faults when every buffer comes fresh from the kernel.
+    # Kept memory is reused; the heap may still grow once or twice before it settles (a 64-byte
+    # aligned request needs a little more than the chunk the last one freed).
+    default, kept = faults("default"), faults("keep")
+    assert default > 80_000
+    assert kept < default / 4, (kept, default)
 
 
 def test_configure_threads_sets_torch() -> None:
