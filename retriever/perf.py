@@ -261,13 +261,25 @@ def configure_threads(threads: int) -> int:
     return threads
 
 
-#: Freed memory glibc's malloc keeps for reuse once ``keep_freed_memory`` ran (see there).
+#: Freed memory glibc's malloc keeps for reuse once ``keep_freed_memory`` ran (see there), unless the
+#: environment variable ``RETRIEVER_KEEP_FREED_MB`` says otherwise (0 turns the tuning off).
 KEEP_FREED_BYTES = 256 << 20
+KEEP_FREED_ENV = "RETRIEVER_KEEP_FREED_MB"
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def keep_freed_memory() -> bool:
+    """``keep_freed_bytes`` with ``RETRIEVER_KEEP_FREED_MB`` (default 256; 0: leave malloc alone)."""
+    raw = os.environ.get(KEEP_FREED_ENV, "").strip()
+    try:
+        nbytes = int(float(raw) * (1 << 20)) if raw else KEEP_FREED_BYTES
+    except ValueError as exc:
+        raise RetrieverError(f"{KEEP_FREED_ENV}={raw!r}: give a number of MB (0 turns it off)") from exc
+    return nbytes > 0 and keep_freed_bytes(nbytes)
+
+
 @functools.cache
-def keep_freed_memory(nbytes: int = KEEP_FREED_BYTES) -> bool:
+def keep_freed_bytes(nbytes: int) -> bool:
     """Make glibc's malloc keep up to ``nbytes`` of freed memory for reuse; returns whether it could.
 
     A ViLT-B forward pass allocates and frees activations of several MB per layer. glibc's defaults

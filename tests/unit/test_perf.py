@@ -18,6 +18,7 @@ their order. fp32 with SDPA must match eager attention to 1e-4 (float rounding o
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from retriever.perf import (
     choose_precision,
     configure_threads,
     int8_engine,
+    keep_freed_memory,
     key_padding_bias,
     parse_cpuinfo,
     read_cpu_info,
@@ -153,8 +155,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-only")
 def test_keep_freed_memory_stops_refaulting_activations() -> None:
     def faults(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "RETRIEVER_KEEP_FREED_MB"}
         out = subprocess.run(
-            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True, env=env
         )
         return int(out.stdout.split()[-1])
 
@@ -164,6 +167,14 @@ def test_keep_freed_memory_stops_refaulting_activations() -> None:
     default, kept = faults("default"), faults("keep")
     assert default > 80_000
     assert kept < default / 4, (kept, default)
+
+
+def test_keep_freed_memory_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRIEVER_KEEP_FREED_MB", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.setenv("RETRIEVER_KEEP_FREED_MB", "lots")
+    with pytest.raises(RetrieverError, match="RETRIEVER_KEEP_FREED_MB"):
+        keep_freed_memory()
 
 
 def test_configure_threads_sets_torch() -> None:
