@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import errors_as_messages, quiet_transformers
-from .options import JsonOut
+from .options import Device, JsonOut
 
 
 def _load(avg: tuple[float, float, float]) -> str:
@@ -29,6 +29,7 @@ def _report_text(report: Any) -> str:
         f"machine: {m.cpu or 'unknown CPU'}; torch {m.torch} dispatches {m.torch_capability}; "
         f"{m.physical_cores} physical cores, {m.usable_cpus} usable CPUs, torch threads {m.threads}",
         f"CPU flags: {', '.join(m.flags) or 'none of interest'}",
+        f"models run on: {m.device}",
         f"load average (1/5/15 min): start {_load(m.load_start)}, end {_load(m.load_end)} "
         f"(timings are shared-machine figures when these exceed {m.physical_cores})",
         "",
@@ -113,7 +114,8 @@ def _report_text(report: Any) -> str:
         f"vectors (FAISS file) {sz.vectors_bytes_per_image:,.0f} B, "
         f"database {sz.database_bytes_per_image:,.0f} B ({sz.database}); "
         f"total {sz.total_bytes_per_image:,.0f} B",
-        f"   peak resident memory of this run: {sz.peak_rss_mb:,.0f} MB",
+        f"   peak resident memory of this run: {sz.peak_rss_mb:,.0f} MB"
+        + ("" if sz.gpu_peak_mb is None else f"; peak GPU memory allocated: {sz.gpu_peak_mb:,.0f} MB"),
     ]
     return "\n".join(lines)
 
@@ -137,6 +139,7 @@ def bench_command(
             "--work-dir", help="Where scratch files go. Default: the system temp dir.", show_default=False
         ),
     ] = None,
+    device: Device = "auto",
     json_out: JsonOut = False,
 ) -> None:
     """Measure rerank throughput, query latency, indexing throughput and sizes, each beside its baseline."""
@@ -148,7 +151,7 @@ def bench_command(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     cfg = BenchConfig.quick() if quick else BenchConfig.full()
-    cfg = replace(cfg, precision=precision, threads=threads)
+    cfg = replace(cfg, precision=precision, threads=threads, device=device)
 
     def on_step(message: str) -> None:
         if not json_out:

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from .encoders import ClipEncoder
+from .factory import rerank_batch_size, resolve_device
 from .images import DEFAULT_DRAFT_SIZE, decode_image
 from .index.patches import PatchCache
 from .index.store import Encoded, ImageBatch, NewImage
@@ -59,6 +60,7 @@ from .perf import (
 from .rerank import ViltReranker
 
 StepFn = Callable[[str], None]
+_CPU = torch.device("cpu")
 
 #: How the useful FLOPs of one (text, image) pair are counted.
 FLOP_FORMULA = (
@@ -130,6 +132,15 @@ class BenchConfig:
     accuracy_images: int = 8
     precision: str = "auto"
     threads: int | None = None
+    #: Where the models run: auto (CUDA when torch sees a GPU), cpu or cuda. Decoding, FAISS and
+    #: the patch cache stay on the CPU either way.
+    device: str = "auto"
+    #: Matmul shapes for the peak on a GPU, where the CPU's are too small to fill the card.
+    gpu_peak_shapes: tuple[tuple[int, int, int], ...] = (
+        (8192, 8192, 8192),
+        (16384, 768, 3072),
+        (10304, 768, 3072),
+    )
     #: Batch size of the fp32 rows of the steps table (None: ``batch_size``).
     fp32_step_batch: int | None = None
     #: Extra rows of the steps table: cached tokens at batch 1, bf16 with an fp32 residual stream, int8
@@ -180,6 +191,8 @@ class MachineInfo:
     torch: str
     load_start: tuple[float, float, float]
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: Where the models ran: "cpu", or "cuda: <GPU name>".
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -336,6 +349,8 @@ class SizesResult:
     total_bytes_per_image: float
     database: str
     peak_rss_mb: float
+    #: Peak GPU memory torch allocated during the run (None on the CPU).
+    gpu_peak_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -378,12 +393,20 @@ def _best_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object]
     On a shared machine the minimum is the least disturbed figure.
     """
     (warmup or fn)()
+    _synchronize()
     best = math.inf
     for _ in range(max(1, reps)):
         start = time.perf_counter()
         fn()
+        _synchronize()
         best = min(best, time.perf_counter() - start)
     return max(best, 1e-9)
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timer around a CUDA call measures the call."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize()
 
 
 def _load() -> tuple[float, float, float]:
@@ -394,9 +417,13 @@ def _load() -> tuple[float, float, float]:
     return (round(one, 2), round(five, 2), round(fifteen, 2))
 
 
-def machine_info(cpu: CpuInfo, threads: int) -> MachineInfo:
+def machine_info(cpu: CpuInfo, threads: int, device: torch.device = _CPU) -> MachineInfo:
     """The machine as the bench sees it, with the load average now."""
+    where = "cpu"
+    if device.type == "cuda":
+        where = f"cuda: {torch.cuda.get_device_name(device)}"
     return MachineInfo(
+        device=where,
         cpu=cpu.model_name,
         torch_capability=cpu.capability,
         flags=cpu.relevant_flags(),
@@ -505,8 +532,10 @@ class BenchModels:
     words: list[str]
 
 
-def build_models(cfg: BenchConfig, workdir: Path, *, seed: int = 0) -> BenchModels:
-    """A random ``ViltForImageAndTextRetrieval`` and a random CLIP ``ClipEncoder`` (fp32, CPU)."""
+def build_models(
+    cfg: BenchConfig, workdir: Path, *, seed: int = 0, device: torch.device = _CPU
+) -> BenchModels:
+    """A random ``ViltForImageAndTextRetrieval`` (fp32, CPU) and a random CLIP encoder on ``device``."""
     # transformers' constructors carry no usable annotations; go through the module as Any.
     hf: Any = importlib.import_module("transformers")
 
@@ -555,11 +584,8 @@ def build_models(cfg: BenchConfig, workdir: Path, *, seed: int = 0) -> BenchMode
         ),
         tokenizer=clip_tok,
     )
-    clip = ClipEncoder(clip_model, clip_processor, name="bench-clip", fingerprint="bench", device=_CPU)
+    clip = ClipEncoder(clip_model, clip_processor, name="bench-clip", fingerprint="bench", device=device)
     return BenchModels(vilt, vilt_processor, clip, words)
-
-
-_CPU = torch.device("cpu")
 
 
 def make_reranker(
@@ -569,6 +595,7 @@ def make_reranker(
     batch_size: int,
     sdpa: bool = True,
     fp32_residual: bool = False,
+    device: torch.device = _CPU,
 ) -> ViltReranker:
     """A ``ViltReranker`` on a copy of the bench ViLT, prepared as the engine prepares it."""
     return ViltReranker(
@@ -576,7 +603,7 @@ def make_reranker(
         models.vilt_processor,
         name="bench-vilt",
         fingerprint="bench",
-        device=_CPU,
+        device=device,
         batch_size=batch_size,
         precision=choice.precision,
         precision_reason=choice.reason,
@@ -605,6 +632,30 @@ def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return out
+
+
+def measure_gpu_peaks(cfg: BenchConfig, device: torch.device) -> list[Peak]:
+    """The best matmul GFLOP/s per dtype on a CUDA device: fp32 (TF32 as torch is set), fp16, bf16.
+
+    ``a @ b`` on ``cfg.gpu_peak_shapes`` (cuBLAS), ten timed calls after a warm-up, synchronised.
+    """
+    peaks: list[Peak] = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        best: Peak | None = None
+        for m, k, n in cfg.gpu_peak_shapes:
+            a = torch.randn(m, k, generator=gen, device=device).to(dtype)
+            b = torch.randn(k, n, generator=gen, device=device).to(dtype)
+            with torch.inference_mode():
+                seconds = _best_time(functools.partial(torch.matmul, a, b), max(cfg.peak_reps, 10))
+            rate = 2 * m * k * n / seconds / 1e9
+            if best is None or rate > best.gflops:
+                best = Peak(name, _sig(rate), (m, k, n), "matmul (cuBLAS)")
+            del a, b
+        if best is not None:
+            peaks.append(best)
+    torch.cuda.empty_cache()
+    return peaks
 
 
 def measure_peaks(cfg: BenchConfig, cpu: CpuInfo) -> list[Peak]:
@@ -702,8 +753,11 @@ def _engine_rate(
 
 
 def _naive_rate(model: Any, processor: Any, text: str, image: Image.Image, pairs: int, reps: int) -> float:
+    device = next(model.parameters()).device
+
     def one() -> None:
-        model(**processor(images=image, text=text, return_tensors="pt"))
+        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+        float(model(**inputs).logits[0, 0])  # the score, as a caller would read it
 
     def run() -> None:
         for _ in range(pairs):
@@ -728,7 +782,8 @@ def bench_rerank(
     config = models.vilt.config
     choice = PrecisionChoice(engine.precision, engine.precision_reason)
     images = [synthetic_image(w, h, seed=i) for i, (w, h) in enumerate(cfg.image_sizes)]
-    naive_model = copy.deepcopy(models.vilt)
+    device = engine.device
+    naive_model = copy.deepcopy(models.vilt).to(device)
     cached = _cached_tokens(engine, images, workdir / "rerank-patches.f16", cfg.engine_pairs)
     dtype_name: str = choice.precision
 
@@ -787,26 +842,28 @@ def bench_rerank(
             Step(name, dtype, _sig(rate), _sig(rate / base), _sig(gflops), _sig(share), _sig(faults))
         )
 
+    on_cpu = device.type == "cpu"
     if cfg.extra_steps:
         add(
             "cached tokens, fp32 eager, batch 1",
             "fp32",
-            make_reranker(models, fp32, batch_size=1, sdpa=False),
+            make_reranker(models, fp32, batch_size=1, sdpa=False, device=device),
             2,
         )
     add(
         f"cached tokens, fp32 eager, batches of {fp32_batch}",
         "fp32",
-        make_reranker(models, fp32, batch_size=fp32_batch, sdpa=False),
+        make_reranker(models, fp32, batch_size=fp32_batch, sdpa=False, device=device),
         fp32_pairs,
     )
-    fp32_sdpa = make_reranker(models, fp32, batch_size=fp32_batch)
+    fp32_sdpa = make_reranker(models, fp32, batch_size=fp32_batch, device=device)
     add("+ SDPA attention (fp32)", "fp32", fp32_sdpa, fp32_pairs)
-    if cfg.extra_steps and choice.precision == "bf16":
+    if cfg.extra_steps and on_cpu and choice.precision == "bf16":
         mixed = make_reranker(models, choice, batch_size=cfg.batch_size, fp32_residual=True)
         add("+ bf16 weights, oneDNN-fused layers, fp32 residual stream", "bf16", mixed, cfg.engine_pairs)
         del mixed
-    if cfg.extra_steps and choice.precision != "int8" and int8_engine(read_cpu_info()) is not None:
+    cpu_int8 = on_cpu and int8_engine(read_cpu_info()) is not None
+    if cfg.extra_steps and cpu_int8 and choice.precision != "int8":
         int8 = PrecisionChoice("int8", "step")
         add(
             "int8 dynamic quantization (not chosen here)",
@@ -815,15 +872,17 @@ def bench_rerank(
             cfg.engine_pairs,
         )
     add(f"engine: {engine.prepared.describe()}", dtype_name, engine, cfg.engine_pairs)
-    if cfg.extra_steps and threads > 1:
+    if cfg.extra_steps and on_cpu and threads > 1:
         configure_threads(1)
         try:
             add("engine at 1 thread", dtype_name, engine, cfg.engine_pairs)
         finally:
             configure_threads(threads)
 
-    step("rerank: where the engine's time goes (torch.profiler)")
-    split = time_split(engine, text, tokens[: cfg.engine_pairs], text_tokens, _peak_of(peaks, dtype_name))
+    split = None
+    if on_cpu:  # on a GPU the CPU-side op times say nothing about the kernels
+        step("rerank: where the engine's time goes (torch.profiler)")
+        split = time_split(engine, text, tokens[: cfg.engine_pairs], text_tokens, _peak_of(peaks, dtype_name))
 
     # Accuracy: distinct images, two texts, engine against the fp32 path.
     step("rerank: engine logits against fp32")
@@ -1163,16 +1222,24 @@ def run_bench(
     started = time.perf_counter()
     step = on_step or (lambda _msg: None)
     cpu = read_cpu_info()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        # The engine's own batch on a GPU, and enough pairs for a few of them per timed call.
+        batch = rerank_batch_size(device)
+        cfg = replace(cfg, batch_size=batch, engine_pairs=max(cfg.engine_pairs, 2 * batch))
     threads = configure_threads(cfg.threads or usable_threads(cpu))
-    machine = machine_info(cpu, threads)
+    machine = machine_info(cpu, threads, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(prefix="retriever-bench-", dir=workdir) as tmp:
         root = Path(tmp)
         step("building random-weight models")
-        models = build_models(cfg, root)
-        choice = choose_precision(_CPU, cfg.precision, hidden=int(models.vilt.config.hidden_size), cpu=cpu)
+        models = build_models(cfg, root, device=device)
+        hidden = int(models.vilt.config.hidden_size)
+        choice = choose_precision(device, cfg.precision, hidden=hidden, cpu=cpu)
         step("matmul peaks")
-        peaks = measure_peaks(cfg, cpu)
-        engine = make_reranker(models, choice, batch_size=cfg.batch_size)
+        peaks = measure_gpu_peaks(cfg, device) if device.type == "cuda" else measure_peaks(cfg, cpu)
+        engine = make_reranker(models, choice, batch_size=cfg.batch_size, device=device)
         rerank = bench_rerank(cfg, models, engine, peaks, threads, root, step)
         latency = bench_latency(cfg, models, engine, root, step)
         step("indexing")
@@ -1180,6 +1247,8 @@ def run_bench(
         indexing, encoded = bench_indexing(cfg, models, engine, files)
         step("sizes")
         sizes = bench_sizes(cfg, models, engine, encoded, root / "index")
+    if device.type == "cuda":
+        sizes = replace(sizes, gpu_peak_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
     machine = replace(machine, load_end=_load())
     return BenchReport(
         mode=mode,

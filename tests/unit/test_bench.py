@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from retriever.bench import BenchConfig, BenchReport, pair_flops, run_bench
@@ -132,6 +133,16 @@ def test_bf16_engine_rows(tmp_path: Path) -> None:
     _check(report)
     assert report.rerank.precision == "bf16"
     assert [s.dtype for s in report.rerank.steps if s.name.startswith("engine:")] == ["bf16"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from retriever.errors import RetrieverError
+
+    with pytest.raises(RetrieverError, match="no CUDA GPU"):
+        run_bench(replace(TINY, device="cuda"), mode="test", workdir=tmp_path)
 
 
 def test_op_kinds() -> None:
