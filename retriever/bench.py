@@ -53,6 +53,7 @@ from .perf import (
     configure_threads,
     int8_engine,
     onednn_fusion_available,
+    onednn_linear,
     quantize_int8,
     read_cpu_info,
     usable_threads,
@@ -505,9 +506,9 @@ def time_split(
         return None
     config = reranker.model.config
     image_tokens = int(tokens[0].shape[0])
+    flops_all = len(pairs) * pair_flops(text_tokens, image_tokens, config)
     flops_attention = len(pairs) * attention_flops(text_tokens, image_tokens, config)
-    flops_linear = len(pairs) * pair_flops(text_tokens, image_tokens, config) - flops_attention
-    flops_all = flops_linear + flops_attention
+    flops_linear = flops_all - flops_attention
     at_peak = flops_linear / (peak_gflops * 1e9) + spent["attention"] + spent["other"]
     return TimeSplit(
         linear_share=_sig(spent["linear"] / total),
@@ -629,11 +630,6 @@ def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
 # -- part 0: matmul peaks -----------------------------------------------------------------------------
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return out
-
-
 def measure_gpu_peaks(cfg: BenchConfig, device: torch.device) -> list[Peak]:
     """The best matmul GFLOP/s per dtype on a CUDA device: fp32 (TF32 as torch is set), fp16, bf16.
 
@@ -686,7 +682,7 @@ def measure_peaks(cfg: BenchConfig, cpu: CpuInfo) -> list[Peak]:
             if dtype == torch.bfloat16 and cpu.native_bf16 and onednn_fusion_available():
                 # The engine's own bf16 kernel: oneDNN's linear, on the weight in Linear's (n, k) layout.
                 w = b.t().contiguous()
-                kernels.append(("oneDNN linear", functools.partial(_onednn_linear, a, w)))
+                kernels.append(("oneDNN linear", functools.partial(onednn_linear, a, w, None)))
             for kernel, fn in kernels:
                 with torch.inference_mode():
                     seconds = _best_time(fn, cfg.peak_reps)
@@ -831,7 +827,6 @@ def bench_rerank(
     fp32 = PrecisionChoice("fp32", "step")
     # fp32 runs 4-8x slower than the engine: one batch per timed call keeps the table affordable.
     fp32_batch = min(cfg.fp32_step_batch or cfg.batch_size, cfg.engine_pairs)
-    fp32_pairs = fp32_batch
 
     def add(name: str, dtype: str, reranker: ViltReranker, count: int) -> None:
         step(f"rerank steps: {name}")
@@ -854,10 +849,10 @@ def bench_rerank(
         f"cached tokens, fp32 eager, batches of {fp32_batch}",
         "fp32",
         make_reranker(models, fp32, batch_size=fp32_batch, sdpa=False, device=device),
-        fp32_pairs,
+        fp32_batch,
     )
     fp32_sdpa = make_reranker(models, fp32, batch_size=fp32_batch, device=device)
-    add("+ SDPA attention (fp32)", "fp32", fp32_sdpa, fp32_pairs)
+    add("+ SDPA attention (fp32)", "fp32", fp32_sdpa, fp32_batch)
     if cfg.extra_steps and on_cpu and choice.precision == "bf16":
         mixed = make_reranker(models, choice, batch_size=cfg.batch_size, fp32_residual=True)
         add("+ bf16 weights, oneDNN-fused layers, fp32 residual stream", "bf16", mixed, cfg.engine_pairs)
