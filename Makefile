@@ -7,7 +7,7 @@ VENV ?= .venv
 PHOTOS ?=
 DEMO ?= demo-data
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,22 @@ demo: QUERY ?= a large yellow circle left of a large purple square
 demo: setup
 	$(VENV)/bin/retriever datasets shapes --out $(DEMO)/shapes --images 200 --seed 7 --split test
 	$(VENV)/bin/retriever index $(DEMO)/shapes --model shapes --index-dir $(DEMO)/index
+	@echo 'searching for: $(QUERY)'
 	$(VENV)/bin/retriever search "$(QUERY)" --k 5 --index-dir $(DEMO)/index
 else
 demo: QUERY ?= a dog playing in the snow
 demo: setup
 	$(VENV)/bin/retriever index "$(PHOTOS)" --model coco
+	@echo 'searching for: $(QUERY)'
 	$(VENV)/bin/retriever search "$(QUERY)"
 endif
 
 # The whole test suite, linters included. pytest's exit 5 (no tests ran) fails like any other failure.
+# tests/prepare.sh first starts PostgreSQL and installs Chromium and its driver where they are missing.
 test: setup
+	tests/prepare.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# The unit tests alone, without slow ones: a few minutes, no database server, no browser, no linters.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" tests/unit

@@ -6,8 +6,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,13 +21,43 @@ from .output import Bar, print_hits, print_report, print_status
 from .serve import serve
 from .train import train_command
 
+if TYPE_CHECKING:
+    from retriever.indexing import IndexReport
+    from retriever.library import Library
+
+_HELP_NAMES = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Image-text retrieval: a FAISS prefilter and a ViLT image-text-matching rerank over cached patches.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=_HELP_NAMES,
 )
-texts_app = typer.Typer(help="The caption collection searched by image→text queries.", no_args_is_help=True)
+texts_app = typer.Typer(
+    help="The caption collection searched by image→text queries.",
+    no_args_is_help=True,
+    context_settings=_HELP_NAMES,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from retriever import __version__
+
+        typer.echo(f"retriever {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Image-text retrieval: a FAISS prefilter and a ViLT image-text-matching rerank over cached patches."""
+
+
 app.add_typer(texts_app, name="texts")
 app.add_typer(datasets_app, name="datasets", help="Generate benchmark datasets.")
 
@@ -44,7 +75,8 @@ def _progress_fn(bar: Bar | None) -> Callable[[int, int], None] | None:
 @app.command()
 def index(
     folder: Annotated[
-        Path, typer.Argument(help="Folder of images (searched recursively) or one image file.")
+        Path,
+        typer.Argument(metavar="FOLDER", help="Folder of images (searched recursively) or one image file."),
     ],
     rebuild: Annotated[
         bool,
@@ -64,9 +96,15 @@ def index(
 
     if not folder.exists():
         fail(f"no such folder: {folder}", 2)
-    with errors_as_messages():
-        ctx = Context(index_dir, db_url, device)
+    with errors_as_messages(), ExitStack() as stack:
+        ctx = Context(index_dir, db_url, device, rebind=rebuild)
+        stack.callback(ctx.discard_if_unused)  # a first run that fails leaves no empty index behind
+        # The lock first: a second writer hears at once that it must wait, not after loading models.
+        stack.enter_context(ctx.library.writer())
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
+        if not rebuild and (early := _nothing_to_index(ctx.library, folder, (pre_id, re_id))) is not None:
+            _print_index_report(early, json_out)
+            return
         pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
         bar = Bar.for_terminal("indexing", unit="img")
 
@@ -87,16 +125,44 @@ def index(
             fail("interrupted; what was indexed so far is kept, and the next run goes on from there", 130)
         if bar:
             bar.close()
+    _print_index_report(report, json_out)
+
+
+def _print_index_report(report: IndexReport, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(report.as_dict()))
     else:
         print_report(report)
 
 
+def _nothing_to_index(library: Library, folder: Path, model_ids: tuple[str, str]) -> IndexReport | None:
+    """The report of a run with nothing to do, found without loading a model (seconds of start-up), or
+    None when there is work: a new, changed or gone file, damage to repair, or other models asked for."""
+    import time
+
+    from retriever.indexing import IndexReport, plan_index
+
+    started = time.perf_counter()
+    info = library.models()
+    # Named as the factory names them (a local folder by its absolute path), without importing torch.
+    asked = tuple(
+        str(Path(m).expanduser().resolve()) if Path(m).expanduser().is_dir() else m for m in model_ids
+    )
+    if info is None or (info.prefilter, info.reranker) != asked or library.check():
+        return None
+    plan = plan_index(library, folder)
+    if not plan.nothing_to_do:
+        return None
+    for path, reason in plan.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    library.record_roots([folder.expanduser().resolve(), *plan.linked])
+    return IndexReport(unchanged=plan.unchanged, skipped=plan.skipped, seconds=time.perf_counter() - started)
+
+
 @app.command()
 def search(
     query: Annotated[
-        str | None, typer.Argument(help="Text to search images for.", show_default=False)
+        str | None, typer.Argument(metavar="QUERY", help="Text to search images for.", show_default=False)
     ] = None,
     image: Annotated[
         Path | None,
@@ -112,8 +178,8 @@ def search(
             "--candidates",
             min=1,
             max=10000,
-            help="Prefilter candidates the ViLT rerank scores. Default: 20 on a CPU (about 0.3 s each for "
-            "ViLT-B/32 on 2 cores), 100 on a GPU.",
+            help="Prefilter candidates the ViLT rerank scores (never fewer than --k, so --k results come "
+            "back). Default: 20 on a CPU, 100 on a GPU.",
             show_default=False,
         ),
     ] = None,
@@ -134,7 +200,6 @@ def search(
 ) -> None:
     """Search by text (text→image), by image (--image: image→image) or for captions (--image --texts)."""
     from retriever.factory import default_candidates
-    from retriever.images import read_and_decode
     from retriever.indexing import model_info
     from retriever.search import clean_query, search_image, search_image_texts, search_text
 
@@ -145,8 +210,8 @@ def search(
     with errors_as_messages():
         if query is not None:
             query = clean_query(query)
-        decoded = read_and_decode(image)[1].image if image is not None else None
-        ctx = Context(index_dir, db_url, device)
+        decoded = _query_image(image) if image is not None else None
+        ctx = Context(index_dir, db_url, device, read_only=True)
         if ctx.library.models() is None:
             fail(f"the index at {ctx.library.home} is empty: run `retriever index DIR` first", 1)
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
@@ -188,10 +253,29 @@ def search(
     print_hits(result, as_json=json_out)
 
 
-@texts_app.command("add")
+def _query_image(path: Path) -> Any:
+    """The query image, decoded; its errors name the file."""
+    from retriever.errors import ImageDecodeError
+    from retriever.images import read_and_decode
+
+    try:
+        return read_and_decode(path)[1].image
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"--image {path}: {exc}") from None
+
+
+@texts_app.command(
+    "add",
+    help="Add captions to the collection that `search --image PATH --texts` ranks. Adding is idempotent: a "
+    "caption without an id is stored under an id derived from its text ('t-' and 16 hex digits of its "
+    "SHA-256), so adding the same file again keeps one copy of each caption. A caption whose id is stored "
+    "already replaces it (a JSONL 'id' names the caption to replace); one stored with the same text is left "
+    "as it is and not encoded again.",
+)
 def texts_add(
     file: Annotated[
-        Path, typer.Argument(help="One caption per line, or JSONL with 'text' and optional 'id'.")
+        Path,
+        typer.Argument(metavar="FILE", help="One caption per line, or JSONL with 'text' and optional 'id'."),
     ],
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
@@ -200,29 +284,121 @@ def texts_add(
     reranker: Reranker = None,
     device: Device = "auto",
 ) -> None:
-    """Add captions to the collection that `search --image PATH --texts` ranks."""
+    """Add captions to the collection that `search --image PATH --texts` ranks.
+
+    Adding is idempotent: a caption without an id is stored under an id derived from its text ("t-" and
+    16 hex digits of its SHA-256), so adding the same file again keeps one copy of each caption. A caption
+    whose id is stored already replaces it (a JSONL "id" names the caption to replace); one stored with
+    the same text is left as it is and not encoded again.
+    """
     from retriever.captions import read_captions
     from retriever.indexing import model_info
 
-    with errors_as_messages():
+    with errors_as_messages(), ExitStack() as stack:
         items = read_captions(file)
         ctx = Context(index_dir, db_url, device)
-        pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
-        pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
+        stack.callback(ctx.discard_if_unused)  # a first command that fails leaves no empty index behind
+        with ctx.library.writer():  # before the models load, so a second writer hears at once
+            todo = ctx.library.texts_to_write(items)
+            before = ctx.library.store.count_texts()
+            if todo:  # the models load only when there is something to encode
+                pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
+                pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
+                ctx.library.check_models(model_info(pre, rer), record=True)
+                vectors = pre.encode_texts([t for _, t in todo])
+                ctx.library.commit_texts([(i, t, v) for (i, t), v in zip(todo, vectors, strict=True)])
+            count = ctx.library.store.count_texts()
+    added = count - before
+    unchanged = len({i for i, _ in items}) - len(todo)
+    typer.echo(
+        f"added {added} captions, replaced {len(todo) - added}, {unchanged} unchanged "
+        f"({count} in the collection)"
+    )
+
+
+@texts_app.command(
+    "list",
+    help="List the captions, oldest first, each with the id that search results show and `texts remove` "
+    "takes: one ID<tab>TEXT line each, or with --json one object {data: [{id, text}, ...], count} whose "
+    "count is the whole collection's. Writes nothing.",
+)
+def texts_list(
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Show only the first N captions.", show_default=False)
+    ] = None,
+    index_dir: IndexDir = None,
+    db_url: DbUrl = None,
+    json_out: JsonOut = False,
+) -> None:
+    """List the captions, oldest first, with the id that search results show and `texts remove` takes.
+
+    Opens the index read-only: writes nothing. --json prints ``{"data": [{"id", "text"}, ...], "count"}``,
+    where count is the whole collection's, however many --limit shows.
+    """
+    with errors_as_messages():
+        ctx = Context(index_dir, db_url, "cpu", read_only=True)
+        records = ctx.library.store.list_texts(limit)
+        count = ctx.library.store.count_texts()
+        ctx.library.close()
+    rows = [{"id": r.shown_id, "text": r.text} for r in records]
+    if json_out:
+        typer.echo(json.dumps({"data": rows, "count": count}, ensure_ascii=False))
+        return
+    for row in rows:
+        typer.echo(f"{row['id']}\t{row['text']}")
+    if len(rows) < count:
+        typer.echo(f"({len(rows)} of {count} captions shown)", err=True)
+    elif not rows:
+        typer.echo("the caption collection is empty", err=True)
+
+
+@texts_app.command("remove")
+def texts_remove(
+    ids: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="ID...", help="Ids of captions, as `texts list` and search results show them."
+        ),
+    ],
+    index_dir: IndexDir = None,
+    db_url: DbUrl = None,
+) -> None:
+    """Remove captions by id. When an id names no caption, nothing is removed and the id is named (exit 1)."""
+    with errors_as_messages(), ExitStack() as stack:
+        ctx = Context(index_dir, db_url, "cpu")
+        stack.callback(ctx.discard_if_unused)
         with ctx.library.writer():
-            ctx.library.check_models(model_info(pre, rer), record=True)
-            vectors = pre.encode_texts([t for _, t in items])
-            n = ctx.library.commit_texts([(i, t, v) for (i, t), v in zip(items, vectors, strict=True)])
-    typer.echo(f"added {n} captions ({ctx.library.store.count_texts()} in the collection)")
+            rows = ctx.library.find_texts(ids)
+            removed = ctx.library.remove_texts(list(rows.values()))
+            count = ctx.library.store.count_texts()
+    typer.echo(f"removed {removed} captions ({count} in the collection)")
+
+
+@texts_app.command("clear")
+def texts_clear(
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm that every caption is to be removed.")] = False,
+    index_dir: IndexDir = None,
+    db_url: DbUrl = None,
+) -> None:
+    """Remove every caption. Asks no question, so it needs --yes (without it: exit 2, nothing removed)."""
+    if not yes:
+        fail("`texts clear` removes every caption and asks no question: run it again with --yes", 2)
+    with errors_as_messages(), ExitStack() as stack:
+        ctx = Context(index_dir, db_url, "cpu")
+        stack.callback(ctx.discard_if_unused)
+        removed = ctx.library.clear_texts()
+    typer.echo(f"removed {removed} captions (0 in the collection)")
 
 
 @app.command()
 def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut = False) -> None:
     """Counts, models and sizes of the index."""
     with errors_as_messages():
-        ctx = Context(index_dir, db_url, "cpu")
+        ctx = Context(index_dir, db_url, "cpu", read_only=True)
         facts = ctx.library.status()
     print_status(facts, as_json=json_out)
+    if facts["problems"]:
+        raise typer.Exit(1)
 
 
 # Commands that live in their own modules are registered here, one line each.

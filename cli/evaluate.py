@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import Context, errors_as_messages
+from .common import ModelContext, errors_as_messages
 from .options import Device, JsonOut, ModelPreset, Prefilter, Reranker
 from .output import Bar
 
@@ -27,6 +28,12 @@ def _table(result: dict[str, object]) -> str:
             pairs = row.get("pairs", "")
             lines.append(f"{name:>16}  " + "  ".join(f"{row[k]:>7.2f}" for k in keys) + f"  {pairs:>7}")
     return "\n".join(lines)
+
+
+def default_work_dir() -> Path:
+    """Where an evaluation keeps its pair-score checkpoints by default: a cache, not an index."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "retriever" / "eval"
 
 
 def evaluate_command(
@@ -64,7 +71,8 @@ def evaluate_command(
         Path | None,
         typer.Option(
             "--work-dir",
-            help="Where pair scores are checkpointed, so an interrupted run resumes. Default: <index>/eval.",
+            help="Where pair scores are checkpointed, so an interrupted run resumes. "
+            "Default: $XDG_CACHE_HOME/retriever/eval (~/.cache/retriever/eval).",
             show_default=False,
         ),
     ] = None,
@@ -83,7 +91,7 @@ def evaluate_command(
 
     with errors_as_messages():
         data = load_karpathy(karpathy, images, split)
-        ctx = Context(None, None, device)
+        ctx = ModelContext(device)  # an evaluation reads no index, and creates none
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre = ctx.load_prefilter(pre_id)
         rer = None if no_rerank else ctx.load_reranker(re_id, precision)
@@ -113,7 +121,7 @@ def evaluate_command(
             rer,
             candidates=candidates,
             brute_force=brute_force,
-            work_dir=work_dir or ctx.library.home / "eval",
+            work_dir=work_dir or default_work_dir(),
             on_stage=on_stage,
             fuse=not itm_only,
         )

@@ -31,7 +31,8 @@ Prefilter = Annotated[
     typer.Option(
         "--prefilter",
         envvar="RETRIEVER_PREFILTER",
-        help="CLIPModel hub id or local folder. Default: the index's own, else openai/clip-vit-base-patch32.",
+        help="CLIPModel hub id or local folder. Default: the --model preset, else the index's own (for "
+        "commands that use an index), else openai/clip-vit-base-patch32.",
         show_default=False,
     ),
 ]
@@ -41,7 +42,8 @@ Reranker = Annotated[
         "--reranker",
         envvar="RETRIEVER_RERANKER",
         help="ViltForImageAndTextRetrieval hub id or local folder. "
-        "Default: the index's own, else dandelin/vilt-b32-finetuned-coco.",
+        "Default: the --model preset, else the index's own (for commands that use an index), "
+        "else dandelin/vilt-b32-finetuned-coco.",
         show_default=False,
     ),
 ]

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from tqdm import tqdm
 
-from retriever.indexing import IndexReport
-from retriever.search import SearchResult
+if TYPE_CHECKING:  # the engine (and torch) load only in the commands that need them
+    from tqdm import tqdm
+
+    from retriever.indexing import IndexReport
+    from retriever.search import SearchResult
 
 
 class Bar:
     """A tqdm bar on stderr, shown only when stderr is a terminal."""
 
     def __init__(self, desc: str, unit: str, delay: float) -> None:
-        self._bar = tqdm(desc=desc, unit=unit, total=0, file=sys.stderr, delay=delay, dynamic_ncols=True)
+        from tqdm import tqdm
+
+        self._bar: tqdm[Any] = tqdm(
+            desc=desc, unit=unit, total=0, file=sys.stderr, delay=delay, dynamic_ncols=True
+        )
 
     @classmethod
     def for_terminal(cls, desc: str, *, unit: str, delay: float = 0.0) -> Bar | None:
-        """A bar, or None when stderr is not a terminal (pipes and logs get no bar)."""
-        return cls(desc, unit, delay) if sys.stderr.isatty() else None
+        """A bar on a terminal; elsewhere (logs, CI, nohup) a line of progress every so often."""
+        if sys.stderr.isatty():
+            return cls(desc, unit, delay)
+        return LineProgress(desc, unit, delay)
 
     def update(self, done: int, total: int) -> None:
         """Move the bar to ``done`` of ``total``."""
@@ -44,6 +52,41 @@ class Bar:
         self._bar.close()
 
 
+class LineProgress(Bar):
+    """Progress for a log: one plain line on stderr at most every ``EVERY_S`` seconds, and at the end."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, desc: str, unit: str, delay: float) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._desc, self._unit = desc, unit
+        self._last = self._clock() + max(delay, 0.0) - self.EVERY_S
+        self._done = self._total = -1
+        self._postfix = ""
+
+    def update(self, done: int, total: int) -> None:
+        """Print ``done/total`` when enough time has passed, or when the work is complete."""
+        now = self._clock()
+        finished = total > 0 and done >= total and done != self._done
+        if total > 0 and (finished or now - self._last >= self.EVERY_S):
+            typer.echo(f"{self._desc}: {done}/{total} {self._unit}{self._postfix}", err=True)
+            self._last = now
+        self._done, self._total = done, total
+
+    def postfix(self, **values: str) -> None:
+        """Figures to add to the next line."""
+        self._postfix = "  " + " ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, message: str) -> None:
+        """Print a line."""
+        typer.echo(message, err=True)
+
+    def close(self) -> None:
+        """Nothing to remove."""
+
+
 def hits_json(result: SearchResult) -> dict[str, Any]:
     """The ``--json`` form of a search result."""
     results: list[dict[str, Any]] = []
@@ -57,6 +100,7 @@ def hits_json(result: SearchResult) -> dict[str, Any]:
             item["id"] = hit.id
             item["path"] = hit.path
         item["score"] = hit.score
+        item["rerank_score"] = hit.rerank_score
         item["prefilter_score"] = hit.prefilter_score
         results.append(item)
     return {
@@ -75,13 +119,20 @@ def print_hits(result: SearchResult, *, as_json: bool) -> None:
         typer.echo("no results")
         return
     reranked = any(h.rerank_score is not None for h in result.hits)
-    head = "score (ITM)" if reranked else "score (cos)"
-    typer.echo(
-        f"{'rank':>4}  {head:>11}  {'prefilter':>9}  {'text' if result.hits[0].text is not None else 'path'}"
-    )
+    what_head = "text" if result.hits[0].text is not None else "path"
+    # The same three numbers, under the same names, as the API and the page: the score hits are ranked
+    # by first, then the ITM logit (rerank_score) and the prefilter cosine (prefilter_score).
+    typer.echo(f"{'rank':>4}  {'score':>9}  {'ITM':>9}  {'cosine':>9}  {what_head}")
     for rank, hit in enumerate(result.hits, start=1):
         what = hit.text if hit.text is not None else hit.path
-        typer.echo(f"{rank:>4}  {hit.score:>11.4f}  {hit.prefilter_score:>9.4f}  {what}")
+        itm = f"{hit.rerank_score:>9.4f}" if hit.rerank_score is not None else f"{'-':>9}"
+        typer.echo(f"{rank:>4}  {hit.score:>9.4f}  {itm}  {hit.prefilter_score:>9.4f}  {what}")
+    if reranked and any(h.score != h.rerank_score for h in result.hits):
+        typer.echo("ranked by score = ITM logit + prefilter logit (scale × cosine); --itm-only: ITM alone")
+    elif reranked:
+        typer.echo("ranked by the ITM logit (--itm-only)")
+    else:
+        typer.echo("ranked by the prefilter cosine (no rerank)")
 
 
 def print_report(report: IndexReport) -> None:
@@ -96,6 +147,8 @@ def print_report(report: IndexReport) -> None:
     typer.echo(", ".join(parts) + f" in {report.seconds:.1f} s")
     if report.reused:
         typer.echo(f"{report.reused} reused stored vectors (renamed or duplicate files)")
+    if report.repaired:
+        typer.echo(f"{report.repaired} images had lost their cached tokens and were encoded again")
     reasons: dict[str, int] = {}
     for _, reason in report.skipped:
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -131,5 +184,10 @@ def print_status(facts: dict[str, Any], *, as_json: bool) -> None:
         ("patch cache", _size(facts["patch_cache_bytes"])),
         ("cache per image", _size(facts["cache_bytes_per_image"])),
     ]
+    roots = facts.get("roots") or {}
+    for n, (path, when) in enumerate(sorted(roots.items())):
+        lines.append(("indexed" if n == 0 else "", f"{path} (last run {when})"))
     for key, value in lines:
         typer.echo(f"{key:>16}: {value}")
+    for problem in facts.get("problems") or []:
+        typer.secho(f"damaged: {problem}", fg=typer.colors.RED, err=True)

@@ -8,10 +8,15 @@ from typing import Annotated
 
 import typer
 
-from retriever.api.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_PIXELS, Settings
+from retriever.api.settings import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MAX_UPLOAD_PIXELS,
+    Settings,
+    allowed_hosts_for,
+)
 
-from .common import default_home, fail
-from .options import DbUrl, IndexDir, Prefilter, Reranker
+from .common import default_home, errors_as_messages, fail
+from .options import DbUrl, IndexDir, ModelPreset, Prefilter, Reranker
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -32,6 +37,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     index_dir: IndexDir = None,
     db_url: DbUrl = None,
+    model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
     device: Annotated[
@@ -54,6 +60,19 @@ def serve(
             envvar="RETRIEVER_API_KEY",
             help="Key that the writing endpoints require (X-API-Key or Authorization: Bearer). Prefer "
             "RETRIEVER_API_KEY: a command-line argument is visible to other users of the machine.",
+            show_default=False,
+        ),
+    ] = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            envvar="RETRIEVER_ALLOWED_HOSTS",
+            metavar="NAME",
+            help="A name the server may be reached by, as the Host header gives it (repeat for more, or "
+            "separate with commas; *.example.com: its subdomains; *: any name). The loopback names and the "
+            "--host address are always allowed; requests for other names are refused with 400, which keeps "
+            "web pages on other sites from reading the API through a DNS name pointed at this server.",
             show_default=False,
         ),
     ] = None,
@@ -86,10 +105,26 @@ def serve(
         if not real.is_dir():
             fail(f"--root {root}: no such folder", 2)
         resolved_roots.append(real)
+    if model is not None:
+        from retriever.factory import preset
+
+        with errors_as_messages():
+            preset_prefilter, preset_reranker = preset(model)
+        prefilter, reranker = prefilter or preset_prefilter, reranker or preset_reranker
+    try:
+        hosts = allowed_hosts_for(allowed_hosts or [], listen_host=host)
+    except ValueError as exc:
+        fail(f"--allowed-host: {exc}", 2)
     if not _is_loopback(host) and not api_key:
         typer.secho(
             f"warning: listening on {host} without an API key: anyone who can reach it may index and delete",
             fg=typer.colors.YELLOW,
+            err=True,
+        )
+    if not _is_loopback(host) and not allowed_hosts:
+        typer.secho(
+            f"note: listening on {host}, but answering only to {', '.join(hosts)}: give the names clients "
+            "use to reach the server with --allowed-host (or RETRIEVER_ALLOWED_HOSTS)",
             err=True,
         )
     settings = Settings(
@@ -100,7 +135,14 @@ def serve(
         device=device,
         roots=tuple(resolved_roots),
         api_key=api_key or None,
+        allowed_hosts=hosts,
         max_upload_bytes=max_upload_bytes,
         max_upload_pixels=max_upload_pixels,
     )
+    with errors_as_messages():
+        # Open the index once before serving, so a damaged or mismatched one is one line, not a failed
+        # start-up's traceback in uvicorn's log.
+        from retriever.library import Library
+
+        Library(settings.index_dir, settings.db_url).close()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

@@ -21,7 +21,9 @@ def train_command(
         Path | None,
         typer.Option("--images", help="Images folder. Default: the JSON's folder.", show_default=False),
     ] = None,
-    split: Annotated[str, typer.Option("--split")] = "train",
+    split: Annotated[
+        str, typer.Option("--split", help="Which split of the JSON to train on (train, val, test, restval).")
+    ] = "train",
     prefilter_init: Annotated[
         str | None,
         typer.Option(
@@ -36,8 +38,12 @@ def train_command(
             show_default=False,
         ),
     ] = None,
-    prefilter_steps: Annotated[int, typer.Option("--prefilter-steps", min=0)] = 600,
-    reranker_steps: Annotated[int, typer.Option("--reranker-steps", min=0)] = 6000,
+    prefilter_steps: Annotated[
+        int, typer.Option("--prefilter-steps", min=0, help="Contrastive steps of the dual encoder (0: skip).")
+    ] = 600,
+    reranker_steps: Annotated[
+        int, typer.Option("--reranker-steps", min=0, help="ITM steps of ViLT on mined negatives (0: skip).")
+    ] = 6000,
     prefilter_lr: Annotated[
         float | None,
         typer.Option("--prefilter-lr", help="1e-3 from scratch, 1e-5 fine-tuning.", show_default=False),
@@ -46,7 +52,12 @@ def train_command(
         float | None,
         typer.Option("--reranker-lr", help="5e-4 from scratch, 1e-4 fine-tuning.", show_default=False),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed of initialisation, sampling and mining (recorded in TRAINING.json)."
+        ),
+    ] = 0,
     precision: Annotated[
         str, typer.Option("--precision", help="auto (bf16 where native), fp32 or bf16.")
     ] = "auto",

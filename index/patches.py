@@ -8,6 +8,7 @@ longer (deleted or changed files) stay until the cache is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,15 @@ from pathlib import Path
 import numpy as np
 
 DTYPE = np.dtype(np.float16)
+
+
+class PatchCacheShortError(IndexError):
+    """The cache file is missing or holds fewer rows than a read needs (cut short, deleted, replaced)."""
+
+    def __init__(self, path: Path, rows: int, needed: int) -> None:
+        state = "is missing" if rows == 0 else f"has {rows} rows"
+        super().__init__(f"the patch cache {path} {state}; the index needs {needed}")
+        self.path, self.rows_present, self.rows_needed = path, rows, needed
 
 
 class PatchCache:
@@ -28,6 +38,7 @@ class PatchCache:
         self.row_bytes = hidden * DTYPE.itemsize
         self._map: np.memmap | None = None
         self._mapped_rows = 0
+        self._mapped_file: tuple[int, int] | None = None
 
     @property
     def rows(self) -> int:
@@ -53,29 +64,45 @@ class PatchCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         extents: list[tuple[int, int]] = []
         with open(self.path, "ab") as f:
-            end = f.seek(0, os.SEEK_END)
-            # A crash may have left a torn row; pad it out so every run starts on a row boundary.
-            torn = end % self.row_bytes
-            if torn:
-                f.write(b"\0" * (self.row_bytes - torn))
-                end += self.row_bytes - torn
-            offset = end // self.row_bytes
-            for a in arrays:
-                data = np.ascontiguousarray(a, dtype=DTYPE)
-                f.write(data.tobytes())
-                extents.append((offset, data.shape[0]))
-                offset += data.shape[0]
-            f.flush()
-            os.fsync(f.fileno())
+            start = end = f.seek(0, os.SEEK_END)
+            try:
+                # A crash may have left a torn row; pad it out so every run starts on a row boundary.
+                torn = end % self.row_bytes
+                if torn:
+                    f.write(b"\0" * (self.row_bytes - torn))
+                    end += self.row_bytes - torn
+                offset = end // self.row_bytes
+                for a in arrays:
+                    data = np.ascontiguousarray(a, dtype=DTYPE)
+                    f.write(data.tobytes())
+                    extents.append((offset, data.shape[0]))
+                    offset += data.shape[0]
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                # A full disk mid-write: give back what this call wrote, so nothing is left behind.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fileno(), start)
+                raise
         return extents
 
     def _mapped(self, needed_rows: int) -> np.memmap:
-        if self._map is None or needed_rows > self._mapped_rows:
-            rows = self.rows
+        # One stat per read: another process may have replaced the file (a rebuild) or cut it short,
+        # and a map of the old file would hand out another image's tokens without a word.
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._map, self._mapped_file = None, None
+            raise PatchCacheShortError(self.path, 0, needed_rows) from None
+        identity = (st.st_dev, st.st_ino)
+        rows = st.st_size // self.row_bytes
+        stale = identity != self._mapped_file or rows < self._mapped_rows
+        if self._map is None or stale or needed_rows > self._mapped_rows:
             if needed_rows > rows:
-                raise IndexError(f"patch cache {self.path} has {rows} rows, {needed_rows} needed")
+                raise PatchCacheShortError(self.path, rows, needed_rows)
             self._map = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(rows, self.hidden))
             self._mapped_rows = rows
+            self._mapped_file = identity
         return self._map
 
     def load(self, extents: Sequence[tuple[int, int]]) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from sqlalchemy import BigInteger, DateTime, Float, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Bump this and add a step to ``index.store.MIGRATIONS`` for every change below.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Base(DeclarativeBase):
@@ -33,6 +33,8 @@ class ImageRow(Base):
     """
 
     __tablename__ = "images"
+    # Ids are never reused (see index.store._migrate_2_to_3).
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     path: Mapped[str] = mapped_column(String(4096), unique=True)
@@ -53,6 +55,7 @@ class TextRow(Base):
     """One caption of the text collection searched by image→text queries."""
 
     __tablename__ = "texts"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ext_id: Mapped[str | None] = mapped_column(String(512), unique=True, nullable=True)

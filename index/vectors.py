@@ -10,8 +10,10 @@ inverted-file index (IVF), which scans the ``nprobe`` lists nearest the query in
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +82,21 @@ class VectorIndex:
     def save(self, path: Path) -> None:
         """Write the index atomically (a reader never sees a half-written file)."""
         tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self._index, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            try:
+                faiss.write_index(self._index, str(tmp))
+            except RuntimeError as exc:
+                # faiss reports a failed write (a full disk, mostly) as a RuntimeError with its own text;
+                # the OS's reason is the one a user can act on.
+                free = shutil.disk_usage(path.parent).free
+                code = errno.ENOSPC if free < 1 << 20 else errno.EIO
+                raise OSError(code, os.strerror(code), str(tmp)) from exc
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path, dim: int) -> VectorIndex:

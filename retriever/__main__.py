@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from retriever.cli.app import main
+from retriever.cli import main
 
 main()

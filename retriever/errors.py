@@ -33,3 +33,19 @@ class NotFoundError(RetrieverError):
 
 class SchemaError(RetrieverError):
     """The index database has a schema this version cannot read or migrate."""
+
+
+class NoIndexError(RetrieverError):
+    """A command that only reads was pointed at a folder or database that holds no index."""
+
+
+class IndexMismatchError(RetrieverError):
+    """An index folder and a database that do not belong together (each records the other's identity)."""
+
+
+class IndexDamagedError(RetrieverError):
+    """Part of the index is missing or damaged (patch cache cut short, non-finite tokens, broken database)."""
+
+
+class ResourceError(RetrieverError):
+    """The machine refused a write: disk or database full, permission denied, read-only file system."""

@@ -1,7 +1,9 @@
 """Recall@K on a Karpathy-format split: the prefilter alone, prefilter then ViLT rerank, and brute force.
 
 The protocol is ALBEF/BLIP's: the dual encoder ranks every caption against every image; ViLT then
-scores only the top ``candidates`` of each query, in both directions, and ranks them by ITM logit.
+scores only the top ``candidates`` of each query, in both directions, and ranks them by the ITM logit
+plus the prefilter's logit (``search.fused_score``, what searches return; BLIP's rule), and also by the
+ITM logit alone (ALBEF's).
 Pair scores are checkpointed as they are computed, so an interrupted run resumes where it stopped.
 """
 

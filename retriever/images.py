@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from retriever.errors import ImageDecodeError
 
@@ -22,8 +22,62 @@ __all__ = [
     "read_and_decode",
 ]
 
+
+def _register_heif() -> bool:
+    """Let Pillow open HEIF/HEIC (what phones write by default) through pillow-heif; False without it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    # Only the primary picture is indexed: leaving thumbnails, depth maps (portrait photos) and auxiliary
+    # images unread saves their decoding and memory on every photo.
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    return True
+
+
+def _pillow_reads_avif() -> bool:
+    """Whether this Pillow reads AVIF itself (its wheels do from 11.3 on; a source build needs libavif)."""
+    try:
+        return bool(features.check_module("avif"))
+    except ValueError:  # a Pillow that does not know the module at all
+        return False
+
+
+_HEIF_EXTENSIONS: frozenset[str] = frozenset({".heic", ".heif", ".hif"})
+_AVIF_EXTENSIONS: frozenset[str] = frozenset({".avif"})
+_READS_HEIF: bool = _register_heif()
+_READS_AVIF: bool = _pillow_reads_avif()
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    | (_HEIF_EXTENSIONS if _READS_HEIF else frozenset())
+    | (_AVIF_EXTENSIONS if _READS_AVIF else frozenset())
+)
+
+# Why a phone format is not read on this installation, told with each such file in the skipped list.
+_MISSING_READER: dict[str, str] = {}
+if not _READS_HEIF:
+    _MISSING_READER.update(dict.fromkeys(_HEIF_EXTENSIONS, "reading HEIC/HEIF needs the pillow-heif package"))
+if not _READS_AVIF:
+    _MISSING_READER.update(
+        dict.fromkeys(_AVIF_EXTENSIONS, "reading AVIF needs a Pillow built with it, as the 11.3+ wheels are")
+    )
+
+# Image types a camera or phone writes that are not read: a file of one of these is named in the run's
+# skipped list, where any other file (documents, sidecars) is passed over without a word.
+_NOTED_EXTENSIONS: frozenset[str] = frozenset(_MISSING_READER) | frozenset(
+    {
+        ".jxl",
+        ".jp2",
+        ".dng",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".arw",
+        ".raf",
+        ".orf",
+        ".rw2",
+    }
 )
 
 # 100 MP covers real photographs and scans (a 100 MP medium-format frame is about 11600×8700) while
@@ -38,7 +92,11 @@ DEFAULT_DRAFT_SIZE: int = 640
 # unexpected format (EPS, which runs Ghostscript, among others) away from decoders we never meant to run.
 # The JPEG opener also returns MPO, the multi-picture JPEG that many cameras write; MPO has no opener of
 # its own, and naming it here would make Image.open raise KeyError.
-_PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_PIL_FORMATS: tuple[str, ...] = (
+    ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    + (("HEIF",) if _READS_HEIF else ())
+    + (("AVIF",) if _READS_AVIF else ())
+)
 _DRAFTABLE_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO"})
 
 # EXIF orientations that ImageOps.exif_transpose acts on, and those of them that swap width and height.
@@ -67,31 +125,64 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: Path) -> Iterator[Path]:
+SkipFn = Callable[[str, str], None]
+
+
+def _inside(real: str, roots: Sequence[str]) -> bool:
+    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def iter_image_files(
+    root: Path,
+    *,
+    within: Sequence[Path] | None = None,
+    on_skip: SkipFn | None = None,
+    linked: list[Path] | None = None,
+) -> Iterator[Path]:
     """Recursively yield image files under ``root``, in sorted order.
 
     Files are picked by extension (see ``IMAGE_EXTENSIONS``, case-insensitive). Files and folders whose
-    names start with ``.`` are skipped. Symbolic links to folders are followed, but every folder is
-    walked at most once, so link loops end and a folder reached twice yields its files once. A
-    subfolder that cannot be listed (permission denied, removed meanwhile) is skipped. A ``root`` that
-    is a file is yielded when it has an image extension.
+    names start with ``.`` are skipped silently (hidden on purpose). Symbolic links to folders are
+    followed, but every folder is walked at most once, so link loops end and a folder reached twice
+    yields its files once. A ``root`` that is a file is yielded when it has an image extension.
+
+    Everything else that is passed over is told to ``on_skip(path, reason)``, one call each: a folder that
+    cannot be listed, a link loop, a broken link, a file in a format that is not read, and, with
+    ``within``, every file or folder whose real path (links resolved) lies outside those folders. The real
+    paths of folders reached through links are appended to ``linked``.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
         OSError: ``root`` is a folder that cannot be listed.
     """
+    skip: SkipFn = on_skip or (lambda _path, _reason: None)
+    roots = [os.path.realpath(r) for r in within] if within is not None else None
     if not root.exists():
         raise FileNotFoundError(f"no such file or folder: {root}")
+
+    def allowed(path: str) -> bool:
+        if roots is None:
+            return True
+        real = os.path.realpath(path)
+        if _inside(real, roots):
+            return True
+        skip(path, f"outside the folders that may be indexed (it leads to {real})")
+        return False
+
     if not root.is_dir():
-        if _is_image_name(root.name):
+        if not _is_image_name(root.name):
+            skip(str(root), _not_an_image_name(root.name))
+        elif allowed(str(root)):
             yield root
+        return
+    if not allowed(str(root)):
         return
 
     root_stat = root.stat()
     visited: set[tuple[int, int]] = {(root_stat.st_dev, root_stat.st_ino)}
     # A stack of sorted-entry iterators gives a depth-first walk whose output equals sorted(paths),
     # because Path orders by parts and each folder's entries are visited in name order.
-    stack: list[Iterator[os.DirEntry[str]]] = [iter(_sorted_entries(root, strict=True))]
+    stack: list[Iterator[os.DirEntry[str]]] = [iter(_sorted_entries(root, strict=True, on_skip=skip))]
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
@@ -102,32 +193,53 @@ def iter_image_files(root: Path) -> Iterator[Path]:
         try:
             is_dir = entry.is_dir()
             is_file = not is_dir and entry.is_file()
-        except OSError:
+        except OSError as exc:
+            skip(entry.path, f"unreadable: {exc.strerror or exc}")
             continue
         if is_file:
-            if _is_image_name(entry.name):
+            if not _is_image_name(entry.name):
+                if os.path.splitext(entry.name)[1].lower() in _NOTED_EXTENSIONS:
+                    skip(entry.path, _not_an_image_name(entry.name))
+            elif allowed(entry.path):
                 yield Path(entry.path)
             continue
         if not is_dir:
+            if entry.is_symlink():
+                skip(entry.path, "a broken symbolic link")
             continue
         try:
             st = os.stat(entry.path)
-        except OSError:
+        except OSError as exc:
+            skip(entry.path, f"unreadable folder: {exc.strerror or exc}")
             continue
         key = (st.st_dev, st.st_ino)
         if key in visited:
+            if entry.is_symlink():
+                skip(entry.path, f"a link to a folder already walked ({os.path.realpath(entry.path)})")
+            continue
+        if not allowed(entry.path):
             continue
         visited.add(key)
-        stack.append(iter(_sorted_entries(Path(entry.path), strict=False)))
+        if linked is not None and entry.is_symlink():
+            linked.append(Path(os.path.realpath(entry.path)))
+        stack.append(iter(_sorted_entries(Path(entry.path), strict=False, on_skip=skip)))
 
 
-def _sorted_entries(folder: Path, *, strict: bool) -> list[os.DirEntry[str]]:
+def _not_an_image_name(name: str) -> str:
+    ext = os.path.splitext(name)[1].lower() or "(none)"
+    known = ", ".join(sorted(IMAGE_EXTENSIONS))
+    missing = f" ({_MISSING_READER[ext]})" if ext in _MISSING_READER else ""
+    return f"not a supported image type ({ext}){missing}; supported: {known}"
+
+
+def _sorted_entries(folder: Path, *, strict: bool, on_skip: SkipFn) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as it:
             return sorted(it, key=lambda e: e.name)
-    except OSError:
+    except OSError as exc:
         if strict:
             raise
+        on_skip(str(folder), f"unreadable folder: {exc.strerror or exc}")
         return []
 
 
@@ -163,7 +275,7 @@ def decode_image(
     # one ignore filter installed, both harmless.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = _open(data)
+        img = _open(data, max_pixels)
         try:
             decoded = _decode_opened(img, max_pixels=max_pixels, draft_size=draft_size)
         except BaseException:
@@ -174,11 +286,12 @@ def decode_image(
     return decoded
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from exc
+        # Pillow's own text quotes its internal limit, which is not the one this tool applies.
+        raise ImageDecodeError(f"image too large: over the limit of {max_pixels:,} pixels") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image (unrecognised or unsupported format)") from exc
     # Pillow's plugins raise whatever their parsers hit on bad input (struct.error, IndexError,
@@ -203,7 +316,8 @@ def _decode_opened(img: Image.Image, *, max_pixels: int, draft_size: int | None)
         # ImageFile.LOAD_TRUNCATED_IMAGES is left as it is (False by default), so a short file fails here.
         img.load()
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from exc
+        # Pillow's own text quotes its internal limit, which is not the one this tool applies.
+        raise ImageDecodeError(f"image too large: over the limit of {max_pixels:,} pixels") from exc
     except Exception as exc:
         raise ImageDecodeError("truncated or corrupt image") from exc
 

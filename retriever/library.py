@@ -6,25 +6,52 @@ Order of writes, so that an interruption at any point leaves a consistent index:
 3. the FAISS file for that generation is written (atomically) at the end of a run.
 A FAISS file whose generation is not the database's is never used: the index is rebuilt from the
 database's vectors. So no FAISS id exists without its row, and no row without its tokens.
+
+An index folder and its database belong together: on the first write both record one random index id
+(the folder in ``index.json``, the database in its facts), and a folder opened with a database that
+records another id, or none while the folder has one, is refused before anything is read or written.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import IndexLockedError, ModelMismatchError, RetrieverError, SchemaError
-from .index.patches import PatchCache
-from .index.store import Applied, ImageBatch, MetadataStore, StoreError
+from .errors import (
+    IndexDamagedError,
+    IndexLockedError,
+    IndexMismatchError,
+    ModelMismatchError,
+    NoIndexError,
+    NotFoundError,
+    RetrieverError,
+    SchemaError,
+)
+from .index.patches import PatchCache, PatchCacheShortError
+from .index.store import (
+    Applied,
+    ImageBatch,
+    ImageRecord,
+    MetadataStore,
+    NoStoreError,
+    StoreError,
+    normalize_url,
+)
 from .index.vectors import VectorIndex, load_generation, save_generation
 
 DB_NAME = "retriever.db"
+#: The file in an index folder that records which database (by index id) the folder belongs to.
+IDENTITY_NAME = "index.json"
 
 
 @dataclass(frozen=True)
@@ -51,39 +78,137 @@ class ModelInfo:
 
 
 class Library:
-    """An index directory (and its database, SQLite inside it unless a URL is given)."""
+    """An index directory (and its database, SQLite inside it unless a URL is given).
 
-    def __init__(self, home: Path, db_url: str | None = None) -> None:
+    ``read_only`` opens an existing index without writing anything (no folder or database is created, no
+    stale FAISS file rewritten): ``NoIndexError`` when there is none. ``rebind`` (a deliberate rebuild) lets
+    a folder take a database that holds nothing yet, although the folder belonged to another one.
+    """
+
+    def __init__(
+        self, home: Path, db_url: str | None = None, *, read_only: bool = False, rebind: bool = False
+    ) -> None:
         self.home = home
-        home.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         url = db_url or f"sqlite:///{home / DB_NAME}"
+        if read_only and (not home.is_dir() or (db_url is None and not (home / DB_NAME).is_file())):
+            raise NoIndexError(f"there is no index at {home}: build one with `retriever index FOLDER` first")
         try:
-            self.store = MetadataStore(url)
+            normalize_url(url)  # an unsupported or malformed URL is refused before anything is created
+            if not read_only:
+                home.mkdir(parents=True, exist_ok=True)
+            self.store = MetadataStore(url, create=not read_only)
+        except NoStoreError as exc:
+            raise NoIndexError(f"{exc}: build one with `retriever index FOLDER` first") from exc
         except StoreError as exc:
             raise SchemaError(str(exc)) from exc
+        try:
+            self._check_identity(rebind)
+        except BaseException:
+            self.store.close()
+            raise
         self._vectors: dict[str, VectorIndex] = {}
         self._loaded_generation: dict[str, int] = {}
         self._patches: PatchCache | None = None
+        self._lock_depth = 0
 
     def close(self) -> None:
         """Release database connections."""
         self.store.close()
 
+    # -- identity ---------------------------------------------------------------------------------
+
+    def _own_identity(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads((self.home / IDENTITY_NAME).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise IndexDamagedError(
+                f"{self.home / IDENTITY_NAME} is unreadable ({exc}); it records which database this index "
+                "folder belongs to: restore it, or rebuild the index with `retriever index FOLDER --rebuild`"
+            ) from exc
+        return value if isinstance(value, dict) and isinstance(value.get("index_id"), str) else None
+
+    def _holds_index_files(self) -> bool:
+        return any(self.home.glob("patches-*")) or any(self.home.glob("*.faiss"))
+
+    def _check_identity(self, rebind: bool) -> None:
+        meta = self.store.meta()
+        theirs = meta.get("index_id")
+        own = self._own_identity()
+        if own is not None and own["index_id"] == theirs:
+            return
+        db = self.store.display_url
+        db_empty = self.store.count_images() == 0 and self.store.count_texts() == 0
+        if rebind and db_empty:
+            return  # a deliberate rebuild binds the folder to this (empty) database on its first write
+        other_dir = meta.get("index_dir", "another folder")
+        if own is None and theirs is not None and other_dir == str(self.home):
+            return  # a first write that stopped between recording the id in the database and the folder
+        if own is None and theirs is None:
+            # An index from before identities, or a new one: bound on the first write. A folder with none
+            # of an index's files and a database full of rows is the shared-database case, refused.
+            if not db_empty and not self._holds_index_files() and not (self.home / DB_NAME).exists():
+                raise IndexMismatchError(
+                    f"the database {db} holds an index whose cached tokens are not in {self.home}: each "
+                    "index folder needs a database of its own (another --db-url), or give the folder that "
+                    "index was built in with --index-dir"
+                )
+            return
+        if own is None:
+            raise IndexMismatchError(
+                f"the database {db} holds the index of the folder {other_dir}, not of {self.home}: use "
+                f"--index-dir {other_dir}, or give {self.home} a database of its own (another --db-url)"
+            )
+        recorded = own.get("database", "another database")
+        if theirs is None:
+            raise IndexMismatchError(
+                f"the index folder {self.home} belongs to the database {recorded}, but {db} holds no index "
+                f"(a new, emptied or replaced database): give --db-url {recorded}, or rebuild on purpose "
+                "with `retriever index FOLDER --rebuild`"
+            )
+        raise IndexMismatchError(
+            f"the index folder {self.home} belongs to the database {recorded}, but {db} holds the index of "
+            f"the folder {other_dir}: give each index folder its own database, and the folder its own "
+            f"--db-url ({recorded})"
+        )
+
+    def _bind(self, fresh: bool = False) -> None:
+        """Record one index id in the folder and the database (at the first write, or anew on a rebuild)."""
+        own = self._own_identity()
+        theirs = self.store.get_meta("index_id")
+        if not fresh and own is not None and own["index_id"] == theirs:
+            return
+        # Keep the database's id only to finish a first write that stopped before the folder's file.
+        index_id = theirs if (theirs and not fresh and own is None) else uuid.uuid4().hex
+        record = {
+            "index_id": index_id,
+            "database": self.store.display_url,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        # Database first: a crash between the two leaves a database id the folder lacks, which the next
+        # write (holding the lock) completes, never a folder pointing at a database that does not know it.
+        self.store.set_meta({"index_id": index_id, "index_dir": str(self.home)})
+        tmp = self.home / (IDENTITY_NAME + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.home / IDENTITY_NAME)
+
     # -- models -----------------------------------------------------------------------------------
 
     def models(self) -> ModelInfo | None:
         """The models recorded for this index, or None for an index never written to."""
-        get = self.store.get_meta
-        prefilter, reranker = get("prefilter"), get("reranker")
+        meta = self.store.meta()
+        prefilter, reranker = meta.get("prefilter"), meta.get("reranker")
         if prefilter is None or reranker is None:
             return None
         return ModelInfo(
             prefilter=prefilter,
-            prefilter_fingerprint=get("prefilter_fingerprint") or "",
-            dim=int(get("dim") or 0),
+            prefilter_fingerprint=meta.get("prefilter_fingerprint") or "",
+            dim=int(meta.get("dim") or 0),
             reranker=reranker,
-            reranker_fingerprint=get("reranker_fingerprint") or "",
-            hidden=int(get("hidden") or 0),
+            reranker_fingerprint=meta.get("reranker_fingerprint") or "",
+            hidden=int(meta.get("hidden") or 0),
         )
 
     def check_models(self, wanted: ModelInfo, *, record: bool) -> None:
@@ -111,14 +236,10 @@ class Library:
 
     def reset(self, wanted: ModelInfo) -> None:
         """Forget every image and caption and their caches, and record new models (a deliberate rebuild)."""
-        from .index.schema import Base
-
-        with self.store.engine.begin() as conn:
-            for table in reversed(Base.metadata.sorted_tables):
-                if table.name != "retriever_meta":
-                    conn.execute(table.delete())
+        self.store.clear()
         gens = {f"{k}_generation": str(self.store.generation(k) + 1) for k in ("images", "texts")}
-        self.store.set_meta({**wanted.as_meta(), **gens})
+        self.store.set_meta({**wanted.as_meta(), **gens, "roots": "{}"})
+        self._bind(fresh=True)
         for f in self.home.glob("patches-*.f16"):
             f.unlink()
         for f in self.home.glob("*.faiss"):
@@ -153,7 +274,8 @@ class Library:
                 self.store.image_vectors(info.dim) if kind == "images" else self.store.text_vectors(info.dim)
             )
             index.add(ids, vecs)
-            save_generation(index, self.home, kind, gen)
+            if not self.read_only:  # a reader rebuilds in memory; the next writer saves the file
+                save_generation(index, self.home, kind, gen)
         self._vectors[kind] = index
         self._loaded_generation[kind] = gen
         return index
@@ -185,6 +307,60 @@ class Library:
         save_generation(index, self.home, "texts", gen)
         return len(ids)
 
+    def texts_to_write(self, items: Sequence[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
+        """Those of ``items`` (ext_id, text) that would change the collection: what is left to encode.
+
+        A caption whose ext_id the collection holds with the same text is left out, so adding the same file
+        again encodes and writes nothing. Of an ext_id given more than once the last one counts, in its
+        place, as ``commit_texts`` would keep it. Captions without an ext_id are always new.
+        """
+        last = {ext_id: n for n, (ext_id, _) in enumerate(items) if ext_id is not None}
+        unique = [item for n, item in enumerate(items) if item[0] is None or last[item[0]] == n]
+        stored = self.store.texts_by_ext_id(ext_id for ext_id, _ in unique if ext_id is not None)
+        return [(ext_id, text) for ext_id, text in unique if ext_id is None or stored.get(ext_id) != text]
+
+    def find_texts(self, keys: Sequence[str]) -> dict[str, int]:
+        """Row ids of the captions shown (in lists and search hits) under these ids.
+
+        Raises:
+            NotFoundError: some keys name no caption; the message names them all.
+        """
+        found = self.store.find_texts(keys)
+        unknown = [k for k in dict.fromkeys(keys) if k not in found]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise NotFoundError(
+                f"no caption has the id {shown}" if len(unknown) == 1 else f"no captions have the ids {shown}"
+            )
+        return found
+
+    def remove_texts(self, ids: Sequence[int]) -> int:
+        """Delete captions by row id from the database and the texts FAISS index, saved for the new
+        generation; returns how many existed. Takes the write lock (re-entrant, so a caller may hold it)."""
+        with self.writer():
+            # Loaded before the delete commits: at the old generation, from its file when there is one.
+            index = self.vectors("texts") if self.models() is not None else None
+            gen, removed = self.store.delete_texts(ids)
+            if index is not None:
+                index.remove(removed)
+                self._save_texts(index, gen)
+        return len(removed)
+
+    def clear_texts(self) -> int:
+        """Delete every caption from the database and the texts FAISS index, saved (empty) for the new
+        generation; returns how many there were. Takes the write lock (re-entrant)."""
+        with self.writer():
+            info = self.models()
+            gen, removed = self.store.clear_texts()
+            if info is not None:
+                self._save_texts(VectorIndex(info.dim), gen)
+        return len(removed)
+
+    def _save_texts(self, index: VectorIndex, generation: int) -> None:
+        self._vectors["texts"] = index
+        self._loaded_generation["texts"] = generation
+        save_generation(index, self.home, "texts", generation)
+
     def save_vectors(self) -> None:
         """Write the in-memory FAISS indexes for their current generations."""
         for kind, index in self._vectors.items():
@@ -192,7 +368,20 @@ class Library:
 
     @contextmanager
     def writer(self) -> Iterator[None]:
-        """Hold the index's write lock: one writer at a time, readers never blocked."""
+        """Hold the index's write lock: one writer at a time, readers never blocked.
+
+        Re-entrant within this object, so a command can take the lock before it loads its models (a second
+        writer learns at once that it must wait) and keep it through the run.
+        """
+        if self.read_only:
+            raise RetrieverError(f"the index at {self.home} was opened read-only")
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         path = self.home / "write.lock"
         with open(path, "a+") as f:
             try:
@@ -201,20 +390,86 @@ class Library:
                 raise IndexLockedError(
                     f"another process is writing to the index at {self.home}; wait for it to finish"
                 ) from exc
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
+            self._lock_depth = 1
             try:
+                f.seek(0)
+                f.truncate()
+                f.write(str(os.getpid()))
+                f.flush()
+                self._bind()
                 yield
             finally:
+                self._lock_depth = 0
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # -- roots ------------------------------------------------------------------------------------
+
+    def roots(self) -> dict[str, str]:
+        """Real path → last time indexed (UTC, ISO 8601) of every file or folder an index run was given."""
+        try:
+            value = json.loads(self.store.get_meta("roots") or "{}")
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    def record_roots(self, paths: Sequence[Path]) -> None:
+        """Remember that these (real) paths were indexed now."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        roots = {**self.roots(), **{str(p): now for p in paths}}
+        self.store.set_meta({"roots": json.dumps(roots, sort_keys=True)})
+
+    # -- damage -----------------------------------------------------------------------------------
+
+    def _cache_problem(self) -> str | None:
+        if self.models() is None:
+            return None
+        cache = self.patches()
+        needed = self.store.patch_rows_needed()
+        have = cache.rows
+        if needed <= have:
+            return None
+        missing = len(self.store.images_beyond(have))
+        state = "is missing" if not cache.path.exists() else f"is cut short ({have} of {needed} rows)"
+        return (
+            f"the patch cache {cache.path} {state}: {missing} images have no cached tokens. "
+            "Repair: `retriever index FOLDER` re-encodes them from their files "
+            "(or rebuild everything with `retriever index FOLDER --rebuild`)"
+        )
+
+    def check(self) -> list[str]:
+        """What is damaged in this index, one line each with its repair (empty when all is well)."""
+        problem = self._cache_problem()
+        return [problem] if problem else []
+
+    def load_tokens(self, records: Sequence[ImageRecord]) -> list[np.ndarray]:
+        """The cached visual tokens of these images; ``IndexDamagedError`` when the cache lacks them."""
+        try:
+            return self.patches().load([(r.patch_offset, r.patch_tokens) for r in records])
+        except PatchCacheShortError as exc:
+            raise IndexDamagedError(self._cache_problem() or str(exc)) from exc
+
+    def drop_images_without_tokens(self) -> list[str]:
+        """Delete the rows whose tokens the patch cache lacks (so a run re-encodes them); their paths."""
+        info = self.models()
+        if info is None:
+            return []
+        damaged = self.store.images_beyond(self.patches().rows)
+        if damaged:
+            self.commit(ImageBatch(deletes=[i for i, _ in damaged]), info)
+            self.save_vectors()
+        return [p for _, p in damaged]
 
     # -- status -----------------------------------------------------------------------------------
 
     def disk_bytes(self) -> int:
         """Bytes of every file in the index directory (the database too, when it is SQLite)."""
-        return sum(p.stat().st_size for p in self.home.iterdir() if p.is_file())
+        total = 0
+        for p in self.home.iterdir():
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:  # removed meanwhile
+                continue
+        return total
 
     def status(self) -> dict[str, object]:
         """Counts, models and sizes, as ``retriever status`` reports them."""
@@ -238,4 +493,6 @@ class Library:
             "patch_cache_bytes": patch_bytes,
             "cache_bytes_per_image": round(live_bytes / images) if images else 0,
             "schema_version": self.store.schema_version(),
+            "roots": self.roots(),
+            "problems": self.check(),
         }

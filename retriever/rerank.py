@@ -14,14 +14,16 @@ token counts jump so that little of each batch is padding.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.utils.dlpack
-from PIL import Image
+from PIL import Image, ImageStat
 
+from .encoders import size_field
 from .perf import DTYPES, Precision, PreparedModel, prepare_vilt
 
 ProgressFn = Callable[[int, int], None]
@@ -63,6 +65,78 @@ def visual_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     pos = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
     cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(n, -1, -1)
     return torch.cat([cls, (x + pos).flatten(2).transpose(1, 2)], dim=1)
+
+
+#: transformers' ViLT image processors cap the resized long side at 1333/800 of ``shortest_edge`` (the
+#: DETR/COCO limits), as module constants; read from the processor's module when it has them.
+_MAX_LONGER_EDGE = 1333
+_MAX_SHORTER_EDGE = 800
+
+
+def aspect_limits(image_processor: Any, patch_size: int) -> tuple[int, int] | None:
+    """(long, short): the widest image ViLT's processor still turns into a patch grid is long x short.
+
+    The processor resizes the short side to ``shortest_edge`` S, then caps the long side at
+    L = int(1333 / 800 * S), shrinking both sides by the same factor, rounds each to the nearest pixel and
+    floors it to a multiple of ``size_divisor`` d. At an aspect ratio r past L / S the short side becomes
+    L / r before the floor, so it keeps at least one patch row while L / r >= m, where m is the smallest
+    multiple of d that is at least ``patch_size``. The limit is the ratio L / m: (long, short) = (L, m).
+    For ViLT-B/32 (S 384, d 32, patch 32) that is 639 / 32, about 20:1; for the shipped shapes model
+    (S 64, d 8, patch 8) 106 / 8; for the tiny test model (S 128, d 32, patch 32) 213 / 32.
+
+    None when no ratio helps: the processor does not resize by the shortest edge, or S itself floors
+    below a patch (every image would fail alike).
+    """
+    if not getattr(image_processor, "do_resize", True):
+        return None
+    shorter = size_field(getattr(image_processor, "size", None) or {}, "shortest_edge")
+    if shorter is None:
+        return None
+    module = sys.modules.get(type(image_processor).__module__)
+    cap = getattr(module, "MAX_LONGER_EDGE", _MAX_LONGER_EDGE) / getattr(
+        module, "MAX_SHORTER_EDGE", _MAX_SHORTER_EDGE
+    )
+    longest = int(cap * shorter)
+    divisor = int(getattr(image_processor, "size_divisor", None) or 1)
+    shortest = -(-patch_size // divisor) * divisor
+    if shorter // divisor * divisor < shortest or longest < shortest:
+        return None
+    return longest, shortest
+
+
+def fit_aspect(image: Image.Image, image_processor: Any, patch_size: int) -> Image.Image:
+    """``image``, letterboxed when it is wider (or taller) than ViLT's processor can take.
+
+    The rule: an image whose long side / short side exceeds the limit L / m of ``aspect_limits`` gets its
+    short side padded, the picture centred, until the ratio is L / m, the widest the processor turns into
+    a non-empty patch grid. An image longer than L is first shrunk (bicubic) to a long side of L, which the
+    processor would do anyway, so that a 100-megapixel panorama is not padded at full size. The padding
+    is the picture's mean colour: black or white bars would add a colour the picture does not have, which
+    a caption such as "a black line" could match. ViLT then sees the whole picture at the largest size it
+    can, over about one patch row (or column); only the padding is invented.
+
+    Images within the limit, and processors the limit does not apply to (see ``aspect_limits``), come
+    back unchanged, as the very same object.
+    """
+    limits = aspect_limits(image_processor, patch_size)
+    if limits is None:
+        return image
+    longest, shortest = limits
+    width, height = image.size
+    long, short = max(width, height), min(width, height)
+    if long * shortest <= short * longest:
+        return image
+    wide = width >= height
+    if long > longest:
+        short = max(1, round(short * longest / long))
+        long = longest
+        image = image.resize((long, short) if wide else (short, long), Image.Resampling.BICUBIC)
+    padded = -(-long * shortest // longest)
+    fill = tuple(round(v) for v in ImageStat.Stat(image).mean)
+    canvas = Image.new(image.mode, (long, padded) if wide else (padded, long), fill)
+    offset = (padded - short) // 2
+    canvas.paste(image, (0, offset) if wide else (offset, 0))
+    return canvas
 
 
 class ViltReranker:
@@ -112,6 +186,7 @@ class ViltReranker:
         config = model.config
         self.hidden = int(config.hidden_size)
         self.max_text_tokens = int(config.max_position_embeddings)
+        self.patch_size = int(config.patch_size)
         self.prepared: PreparedModel = prepare_vilt(
             self.model, precision, device, sdpa=sdpa, fp32_residual=fp32_residual
         )
@@ -121,7 +196,11 @@ class ViltReranker:
 
     @torch.inference_mode()
     def embed_image(self, image: Image.Image) -> np.ndarray:
-        """Visual tokens of one RGB image at the processor's resolution: (1 + patches, hidden) float32."""
+        """Visual tokens of one RGB image at the processor's resolution: (1 + patches, hidden) float32.
+
+        An image too wide or too tall for the processor is letterboxed first (see ``fit_aspect``).
+        """
+        image = fit_aspect(image, self.processor.image_processor, self.patch_size)
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         dtype = self.model.vilt.embeddings.position_embeddings.dtype
         tokens = visual_tokens(self.model, pixels.to(self.device, dtype))[0]

@@ -11,7 +11,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from .encoders import DualEncoder
-from .errors import EmptyQueryError, RetrieverError
+from .errors import EmptyQueryError, IndexDamagedError, RetrieverError
 from .library import Library
 from .rerank import ProgressFn, Reranker
 
@@ -73,11 +73,14 @@ def clean_query(text: str) -> str:
     return query
 
 
-def _check_k(k: int, candidates: int) -> None:
+def _check_k(k: int, candidates: int) -> int:
+    """The number of candidates to rerank: never fewer than ``k``, so a search asked for ``k`` results
+    returns ``k`` (when the index holds that many), all ranked the same way."""
     if k < 1:
         raise RetrieverError(f"k must be at least 1, got {k}")
     if candidates < 1:
         raise RetrieverError(f"candidates must be at least 1, got {candidates}")
+    return max(candidates, k)
 
 
 def _prefilter(library: Library, kind: str, query: np.ndarray, n: int) -> list[tuple[int, float]]:
@@ -100,9 +103,10 @@ def search_text(
     on_progress: ProgressFn | None = None,
     fuse: bool = True,
 ) -> SearchResult:
-    """Text→image: the top ``candidates`` by prefilter cosine, reranked by ViLT ITM (unless no reranker)."""
+    """Text→image: the top ``max(candidates, k)`` by prefilter cosine, reranked by ViLT ITM (unless no
+    reranker), so ``k`` results come back when the index holds that many."""
     query = clean_query(query)
-    _check_k(k, candidates)
+    candidates = _check_k(k, candidates)
     clock = _Clock()
     qvec = prefilter.encode_texts([query])[0]
     clock.lap("encode")
@@ -113,12 +117,24 @@ def search_text(
     if reranker is None or not hits:
         return SearchResult(query, _rank(hits, k), clock.timings)
     hits = hits[:candidates]
-    tokens = library.patches().load([(records[h.id].patch_offset, records[h.id].patch_tokens) for h in hits])
+    tokens = library.load_tokens([records[h.id] for h in hits])
     clock.lap("load")
     logits = reranker.score_pairs([query], tokens, [(0, j) for j in range(len(hits))], on_progress)
     clock.lap("rerank")
+    _check_finite(logits, [f"image {h.id} ({h.path})" for h in hits])
     hits = _reranked(hits, logits, prefilter.logit_scale if fuse else 0.0)
     return SearchResult(query, _rank(hits, k), clock.timings)
+
+
+def _check_finite(logits: np.ndarray, names: list[str]) -> None:
+    """Damaged cached tokens (NaN or inf) give non-finite scores: name the images instead of ranking them."""
+    bad = [name for name, ok in zip(names, np.isfinite(logits), strict=True) if not ok]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise IndexDamagedError(
+            f"the cached tokens of {shown} are damaged (their scores are not finite). Repair: rebuild the "
+            "index with `retriever index FOLDER --rebuild`"
+        )
 
 
 def _reranked(hits: list[Hit], logits: np.ndarray, logit_scale: float) -> list[Hit]:
@@ -157,7 +173,7 @@ def search_image_texts(
     fuse: bool = True,
 ) -> SearchResult:
     """Image→text over the caption collection: prefilter, then ViLT with the image's tokens computed once."""
-    _check_k(k, candidates)
+    candidates = _check_k(k, candidates)
     clock = _Clock()
     if library.store.count_texts() == 0:
         raise RetrieverError("the caption collection is empty: add captions with `retriever texts add FILE`")
@@ -175,5 +191,9 @@ def search_image_texts(
     texts = [h.text or "" for h in hits]
     logits = reranker.score_pairs(texts, [image_tokens], [(j, 0) for j in range(len(hits))], on_progress)
     clock.lap("rerank")
+    if not np.isfinite(logits).all():
+        raise IndexDamagedError(
+            "the reranker gave non-finite scores for this image; the model may be damaged"
+        )
     hits = _reranked(hits, logits, prefilter.logit_scale if fuse else 0.0)
     return SearchResult(label, _rank(hits, k), clock.timings)

@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from retriever import __version__
 
 from .errors import install_error_handlers
+from .middleware import AllowMiddleware, HostCheckMiddleware
 from .routes import api_router
 from .routes.pages import STATIC_DIR
 from .routes.pages import router as pages_router
@@ -47,7 +48,10 @@ def create_app(settings: Settings, *, loader: ModelLoader | None = None) -> Fast
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # The last one added runs first: the Host is checked before anything else is looked at.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + _BODY_SLACK_BYTES)
+    app.add_middleware(AllowMiddleware, routes=app.router.routes)
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.include_router(health_router)
     app.include_router(api_router)
     app.include_router(pages_router)

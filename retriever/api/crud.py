@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from datetime import UTC
 from pathlib import Path
 
@@ -63,11 +64,38 @@ def get_image(library: Library, image_id: int) -> ImageRecord:
     return record
 
 
-def existing_file(record: ImageRecord) -> Path:
-    """The original file of an indexed image, as recorded; ``NotFoundError`` when it is gone from disk."""
-    if not os.path.isfile(record.path):
+def served_roots(runtime: Runtime) -> tuple[str, ...]:
+    """Real paths of the folders whose files the server may hand out: its ``--root`` folders, or, without
+    any, the folders and files `retriever index` was given (with the folders it reached through links)."""
+    if runtime.settings.roots:
+        return tuple(os.path.realpath(r) for r in runtime.settings.roots)
+    return tuple(runtime.reader.roots())
+
+
+def existing_file(record: ImageRecord, roots: tuple[str, ...]) -> Path:
+    """The real path of an indexed image's file, checked now, as it is about to be served.
+
+    Links are resolved again at serve time: the file must still lie inside one of ``roots`` and still be
+    the file that was indexed (same size and modification time), so a link or file swapped in after
+    indexing is never served. ``NotFoundError`` otherwise, with the reason.
+    """
+    real = os.path.realpath(record.path)
+    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise NotFoundError(
+            f"the file of image {record.id} is not served: it now leads outside the folders this server "
+            "serves (a symbolic link changed after indexing?)"
+        )
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise NotFoundError(f"the file of image {record.id} is gone: {record.path}") from None
+    if not stat.S_ISREG(st.st_mode):
         raise NotFoundError(f"the file of image {record.id} is gone: {record.path}")
-    return Path(record.path)
+    if (st.st_size, st.st_mtime) != (record.size, record.mtime):
+        raise NotFoundError(
+            f"the file of image {record.id} changed since it was indexed: re-index its folder to serve it"
+        )
+    return Path(real)
 
 
 def list_images(library: Library, offset: int, limit: int) -> tuple[list[ImagePublic], int]:
@@ -127,6 +155,12 @@ def _text_response(result: SearchResult) -> TextSearchResponse:
     return TextSearchResponse(query=result.query, data=hits, count=len(hits), seconds=_seconds(result))
 
 
+def _same_models(runtime: Runtime, models: Models) -> None:
+    """Refuse to search an index that another process rebuilt with other models since the server loaded
+    its own: their scores over its tokens would be meaningless (``ModelMismatchError``, a 409)."""
+    runtime.reader.check_models(model_info(models.prefilter, models.reranker), record=False)
+
+
 def search_images_by_text(
     runtime: Runtime, models: Models, q: str, k: int, candidates: int | None, rerank: bool
 ) -> ImageSearchResponse:
@@ -134,6 +168,7 @@ def search_images_by_text(
     query = clean_query(q)
     if runtime.reader.models() is None:
         return _image_response(SearchResult(query, []))
+    _same_models(runtime, models)
     reranker = models.batcher if rerank else None
     n = candidates or models.default_candidates
     return _image_response(search_text(runtime.reader, models.prefilter, reranker, query, k=k, candidates=n))
@@ -145,6 +180,7 @@ def search_images_by_image(
     """Image→image search by prefilter similarity."""
     if runtime.reader.models() is None:
         return _image_response(SearchResult(label, []))
+    _same_models(runtime, models)
     return _image_response(search_image(runtime.reader, models.prefilter, image, k=k, label=label))
 
 
@@ -160,6 +196,7 @@ def search_texts_by_image(
     """Image→text search over the caption collection; an empty collection gives no hits."""
     if runtime.reader.models() is None or runtime.reader.store.count_texts() == 0:
         return _text_response(SearchResult(label, []))
+    _same_models(runtime, models)
     reranker = models.batcher if rerank else None
     n = candidates or models.default_candidates
     return _text_response(

@@ -8,17 +8,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever.errors import (
     EmptyQueryError,
     ImageDecodeError,
+    IndexDamagedError,
     IndexLockedError,
+    IndexMismatchError,
     ModelMismatchError,
     NotFoundError,
     RetrieverError,
 )
+from retriever.index.store import database_reason
 
 from .schemas import ErrorResponse
 
@@ -37,18 +40,22 @@ STATUS_OF: tuple[tuple[type[RetrieverError], int], ...] = (
     (NotFoundError, 404),
     (IndexLockedError, 409),
     (ModelMismatchError, 409),
+    (IndexDamagedError, 503),
+    (IndexMismatchError, 503),
     (RetrieverError, 400),
 )
 
 _DESCRIPTIONS = {
-    400: "The request cannot be carried out on this index.",
+    400: "The request body cannot be parsed (not UTF-8, say), or the request cannot be carried out on this "
+    "index.",
     401: "The API key is missing or wrong.",
     403: "The path is outside the folders this server may index, or indexing over the API is off.",
     404: "No such image, job or path.",
     409: "Another writer holds the index, or the index was built with other models.",
     413: "The upload is larger than the server accepts (bytes or pixels).",
     422: "The request is not valid: a parameter out of range, an empty query, an unreadable image.",
-    503: "The models are still loading (see Retry-After), or could not be loaded.",
+    503: "The models are still loading (see Retry-After) or could not be loaded, or the index is damaged, "
+    "or the database or disk is unavailable; the detail says which and how to repair it.",
 }
 
 
@@ -92,8 +99,19 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.error("database error: %s", exc)
-    return _json(503, "the database is unavailable; try again later", {"Retry-After": "10"})
+    assert isinstance(exc, DatabaseError)
+    reason = database_reason(exc)
+    log.error("database error: %s", reason)
+    return _json(503, f"the database is unavailable ({reason}); try again later", {"Retry-After": "10"})
+
+
+async def _os_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OSError)
+    # A full disk or a permission problem in the index folder (thumbnails, FAISS files): the server
+    # stays up and says what the operator must fix; nothing already indexed is lost.
+    log.error("file system error: %s", exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return _json(503, f"the server cannot read or write its files: {exc.strerror or exc}{where}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -101,4 +119,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RetrieverError, _retriever_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(DatabaseError, _database_error)
+    app.add_exception_handler(OSError, _os_error)

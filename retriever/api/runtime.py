@@ -198,7 +198,12 @@ class Runtime:
         models = self.wait_models()
         with self._write_lock:
             return index_folder(
-                self.writer, models.prefilter, models.reranker, Path(job.path), on_progress=progress
+                self.writer,
+                models.prefilter,
+                models.reranker,
+                Path(job.path),
+                within=self.settings.roots,
+                on_progress=progress,
             )
 
     # -- life cycle -------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: The largest image id the store can hold (a 32-bit integer column on PostgreSQL).
 MAX_ID = 2**31 - 1
+#: A JSON Schema ``pattern`` for text that is not blank: it holds a character that ``str.split`` and
+#: ``str.strip`` do not take for whitespace. Spelled out because ``\s`` means other characters in Python,
+#: in JavaScript (which JSON Schema's patterns follow) and in Rust; the validators do the checking, this
+#: only says in the schema what they accept.
+NOT_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+#: A JSON Schema ``pattern`` for text without NUL characters (which no file path holds).
+NO_NUL = r"^[^\x00]*$"
 
 
 class ErrorResponse(BaseModel):
@@ -41,11 +48,23 @@ class ModelsPublic(BaseModel):
     reranker: str
 
 
-class StatusPublic(BaseModel):
-    """Counts, models and sizes of the index, as ``retriever status --json`` reports them."""
+#: Where the paths of ``StatusPublic`` are shown.
+_OPERATOR_ONLY = (
+    " Only for requests with the server's API key; null without it, and always when the server has no key."
+)
 
-    index_dir: str
-    database: str
+
+class StatusPublic(BaseModel):
+    """Counts, models and sizes of the index, as ``retriever status --json`` reports them.
+
+    The index directory and the database URL say where the server keeps its data, so they are shown only
+    to the holder of the API key.
+    """
+
+    index_dir: str | None = Field(default=None, description="The index directory." + _OPERATOR_ONLY)
+    database: str | None = Field(
+        default=None, description="The metadata database's URL, password hidden." + _OPERATOR_ONLY
+    )
     images: int
     texts: int
     models: ModelsPublic | None
@@ -59,16 +78,24 @@ class StatusPublic(BaseModel):
 # -- search -------------------------------------------------------------------------------------------
 
 
+_SCORE = (
+    "What hits are ranked by: after a rerank, the ITM logit plus the prefilter's logit (its learned scale "
+    "times the cosine), or the ITM logit alone with itm_only; without a rerank, the prefilter cosine."
+)
+_RERANK_SCORE = "The ViLT image-text matching logit; null when the hit was not reranked."
+_PREFILTER_SCORE = "The prefilter's (CLIP's) cosine similarity of query and hit."
+
+
 class ImageHit(BaseModel):
-    """One image found. ``score`` is the rerank score when there is one, else the prefilter cosine."""
+    """One image found, with the score it is ranked by and the two scores that make it up."""
 
     rank: int
     id: int
     path: str
     filename: str
-    score: float
-    prefilter_score: float
-    rerank_score: float | None
+    score: float = Field(description=_SCORE)
+    prefilter_score: float = Field(description=_PREFILTER_SCORE)
+    rerank_score: float | None = Field(description=_RERANK_SCORE)
 
 
 class TextHit(BaseModel):
@@ -77,9 +104,9 @@ class TextHit(BaseModel):
     rank: int
     id: str
     text: str
-    score: float
-    prefilter_score: float
-    rerank_score: float | None
+    score: float = Field(description=_SCORE)
+    prefilter_score: float = Field(description=_PREFILTER_SCORE)
+    rerank_score: float | None = Field(description=_RERANK_SCORE)
 
 
 class _SearchResponse(BaseModel):
@@ -139,7 +166,7 @@ class IndexRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(min_length=1, max_length=4096, json_schema_extra={"pattern": NO_NUL})
 
     @field_validator("path")
     @classmethod
@@ -190,7 +217,7 @@ class TextCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=10_000)
+    text: str = Field(min_length=1, max_length=10_000, json_schema_extra={"pattern": NOT_BLANK})
     id: str | None = Field(default=None, min_length=1, max_length=512)
 
     @field_validator("text")

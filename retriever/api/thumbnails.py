@@ -19,8 +19,9 @@ def thumbnail_path(home: Path, record: ImageRecord, size: int) -> Path:
     return home / THUMBS_DIR / f"{record.id}-{size}-{record.content_hash[:16]}.jpg"
 
 
-def thumbnail(home: Path, record: ImageRecord, size: int) -> Path:
-    """The cached thumbnail (longer side ``size``, never enlarged), made now if missing.
+def thumbnail(home: Path, record: ImageRecord, size: int, source: Path | None = None) -> Path:
+    """The cached thumbnail (longer side ``size``, never enlarged), made now if missing from ``source``
+    (the file's real path as checked by the caller; the recorded path by default).
 
     Raises:
         ImageDecodeError: the original cannot be read or decoded any more.
@@ -29,7 +30,7 @@ def thumbnail(home: Path, record: ImageRecord, size: int) -> Path:
     if path.exists():
         return path
     # Draft mode lets a JPEG decode at the smallest scale still at least ``size`` on its shorter side.
-    image = read_and_decode(Path(record.path), draft_size=size)[1].image
+    image = read_and_decode(source or Path(record.path), draft_size=size)[1].image
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed, so a concurrent request never serves half a file.

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from retriever.api.app import create_app
-from retriever.api.settings import Settings
+from retriever.api.settings import LOOPBACK_HOSTS, Settings
 from retriever.encoders import DualEncoder
 from retriever.indexing import index_folder
 from retriever.library import Library
@@ -28,6 +28,9 @@ from retriever.rerank import ProgressFn, Reranker
 from tests.conftest import write_images
 
 API_KEY = "s3cret-key"
+#: The Host names the test apps answer to: TestClient (and schemathesis) send "testserver", which the
+#: product's defaults rightly refuse.
+TEST_HOSTS = (*LOOPBACK_HOSTS, "testserver")
 
 
 class CountingReranker:
@@ -114,6 +117,29 @@ AppFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
+def make_settings(
+    tmp_path: Path, db_url: str, tiny_clip_dir: Path, tiny_vilt_dir: Path
+) -> Callable[..., Settings]:
+    """Settings like ``make_client``'s (overridable by keyword), for a test that runs the app itself."""
+    (tmp_path / "root").mkdir(exist_ok=True)
+
+    def make(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {
+            "index_dir": tmp_path / "index",
+            "db_url": db_url,
+            "prefilter": str(tiny_clip_dir),
+            "reranker": str(tiny_vilt_dir),
+            "device": "cpu",
+            "roots": ((tmp_path / "root").resolve(),),
+            "allowed_hosts": TEST_HOSTS,
+            **overrides,
+        }
+        return Settings(**fields)
+
+    return make
+
+
+@pytest.fixture
 def make_client(
     tmp_path: Path, db_url: str, loader: GatedLoader, tiny_clip_dir: Path, tiny_vilt_dir: Path
 ) -> Iterator[AppFactory]:
@@ -130,6 +156,7 @@ def make_client(
             "reranker": str(tiny_vilt_dir),
             "device": "cpu",
             "roots": ((tmp_path / "root").resolve(),),
+            "allowed_hosts": TEST_HOSTS,
             **overrides,
         }
         client = TestClient(create_app(Settings(**fields), loader=loader))

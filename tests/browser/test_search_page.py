@@ -105,6 +105,11 @@ def test_text_search_shows_the_apis_hits_with_names_and_scores(
     itm = first.find_element("css selector", ".score-itm")
     cos = first.find_element("css selector", ".score-cos")
     assert itm.find_element("css selector", ".score-label").text == "ITM"
+    main = first.find_element("css selector", ".score-main")
+    assert first.find_elements("css selector", ".score")[0] == main, "the ranking score comes first"
+    assert float(main.find_element("css selector", ".score-value").text) == pytest.approx(
+        want["score"], abs=0.006
+    )
     assert cos.find_element("css selector", ".score-label").text == "cos"
     assert float(itm.find_element("css selector", ".score-value").text) == pytest.approx(
         want["rerank_score"], abs=0.006
@@ -168,7 +173,11 @@ def test_image_search_finds_the_uploaded_image_first(page: Any, browser_index: B
     assert float(first.find_element("css selector", ".score-cos .score-value").text) == pytest.approx(
         1.0, abs=2e-3
     )
-    assert first.find_element("css selector", ".score-itm .score-value").text == "—"
+    # Image→image is never reranked: no ITM badge, and the score it is ranked by is the cosine.
+    assert first.find_elements("css selector", ".score-itm") == []
+    assert float(first.find_element("css selector", ".score-main .score-value").text) == pytest.approx(
+        1.0, abs=6e-3
+    )
     assert len(hits) == N_IMAGES
     assert one(page, "#query-image").is_displayed()
     assert one(page, "#query-image-name").text == photo.name
@@ -267,12 +276,13 @@ def test_thumbnail_opens_the_detail_view_and_escape_closes_it(page: Any, live_se
 
 
 @pytest.mark.parametrize("query", ["", "   "], ids=["empty", "blank"])
-def test_empty_query_shows_the_apis_error(page: Any, live_server: LiveServer, query: str) -> None:
+def test_empty_query_says_what_to_do(page: Any, live_server: LiveServer, query: str) -> None:
     type_query(page, query)
     wait_for(page, lambda d: one(d, "#error").is_displayed(), message="no error message appeared")
-    status, body = live_server.get_json("v1/search?" + urlencode({"q": query, "k": 24, "rerank": "true"}))
+    status, _ = live_server.get_json("v1/search?" + urlencode({"q": query, "k": 24, "rerank": "true"}))
     assert status == 422
-    assert one(page, "#error").text == body["detail"]
+    # In words, not the API's validation text ("q: String should have at least 1 character").
+    assert one(page, "#error").text == "Type some words to search for, or drop an image."
     assert one(page, "#status").get_attribute("data-state") == "error"
     assert not by_css(page, "#results .hit")
     assert one(page, "#search-btn").is_enabled()

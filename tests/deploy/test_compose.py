@@ -198,6 +198,21 @@ def test_api_healthcheck_requests_health_on_8000() -> None:
         assert str(check.get("start_period", "")).strip(), "model loading needs a start_period"
 
 
+def test_api_answers_to_the_names_it_is_reached_by() -> None:
+    from retriever.api.settings import allowed_hosts_for
+
+    for name in API_SERVICES:
+        service = _service(name)
+        value = environment(service).get("RETRIEVER_ALLOWED_HOSTS", "")
+        hosts = set(allowed_hosts_for([interpolate(value, {})], listen_host="0.0.0.0"))
+        assert "*" not in hosts, f"{name} answers to any Host: DNS rebinding reaches the keyless routes"
+        # Other containers call it by its service name; the health check and the published port use loopback.
+        health = urlsplit(re.findall(r"https?://[^'\"\s]+", _words(service["healthcheck"]["test"]))[0])
+        assert {*API_SERVICES, "localhost", "127.0.0.1", health.hostname} <= hosts, sorted(hosts)
+        more = allowed_hosts_for([interpolate(value, {"RETRIEVER_ALLOWED_HOSTS": "photos.example.com"})])
+        assert {"photos.example.com", *API_SERVICES} <= set(more), "RETRIEVER_ALLOWED_HOSTS should add names"
+
+
 def test_db_healthcheck_uses_pg_isready() -> None:
     check = _service("db").get("healthcheck") or {}
     test = _words(check.get("test"))

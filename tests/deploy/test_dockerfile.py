@@ -173,7 +173,7 @@ def test_image_sources_build_a_wheel_with_the_linked_packages(context_wheel: zip
     for needed in ("retriever/index/store.py", "retriever/cli/app.py", "retriever/search.py"):
         assert needed in names, f"{needed} is missing from the wheel built from the image's sources"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "retriever = retriever.cli.app:main" in context_wheel.read(entry_points).decode()
+    assert "retriever = retriever.cli:main" in context_wheel.read(entry_points).decode()
 
 
 def test_image_wheel_ships_the_search_page(context_wheel: zipfile.ZipFile) -> None:

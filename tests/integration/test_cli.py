@@ -101,8 +101,8 @@ def test_missing_model_says_what_and_how(tmp_path: Path, env: dict[str, str]) ->
         assert "Traceback" not in proc.stderr
         assert value in proc.stderr
         assert "save_pretrained" in proc.stderr
-    # Nothing was recorded for an index whose models never loaded.
-    assert json.loads(run("status", "--json", home=tmp_path / "home").stdout)["images"] == 0
+    # Nothing is left behind by a first run whose models never loaded (it used to leave an empty index).
+    assert not (tmp_path / "home").exists()
 
 
 def test_model_mismatch_is_refused(tmp_path: Path, env: dict[str, str]) -> None:

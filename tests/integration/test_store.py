@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from retriever.errors import ModelMismatchError
+from retriever.index.schema import SCHEMA_VERSION
 from retriever.index.store import (
     Encoded,
     ImageBatch,
@@ -82,7 +83,7 @@ def _new(
 
 
 def test_fresh_database_gets_current_schema(store: MetadataStore) -> None:
-    assert store.schema_version() == 2
+    assert store.schema_version() == SCHEMA_VERSION
     assert store.generation("images") == 0
     assert store.generation("texts") == 0
     assert store.count_images() == 0
@@ -101,7 +102,7 @@ def test_reopen_keeps_schema_and_meta(open_store: Callable[[], MetadataStore]) -
     first.set_meta({"dim": "16"})  # update in place
     first.close()
     again = open_store()
-    assert again.schema_version() == 2
+    assert again.schema_version() == SCHEMA_VERSION
     assert again.get_meta("dim") == "16"
     assert again.get_meta("prefilter") == "p"
     assert again.get_meta("missing") is None
@@ -333,7 +334,7 @@ def test_migrates_version_1_database(db_url: str, open_store: Callable[[], Metad
     old_vec = _unit(rng, 1)[0]
     indexed_at = _create_version_1(db_url, old_vec)
     store = open_store()
-    assert store.schema_version() == 2
+    assert store.schema_version() == SCHEMA_VERSION
     assert "texts" in inspect(store.engine).get_table_names()
     assert store.get_meta("dim") == "8"
     # The image row is intact.
@@ -360,9 +361,21 @@ def test_migrates_version_1_database(db_url: str, open_store: Callable[[], Metad
     store.close()
     # Re-opening a migrated database migrates nothing again.
     again = open_store()
-    assert again.schema_version() == 2
+    assert again.schema_version() == SCHEMA_VERSION
     assert again.count_texts() == 2
     assert again.count_images() == 2
+
+
+def test_a_migrated_database_never_reuses_an_id(db_url: str, open_store: Callable[[], MetadataStore]) -> None:
+    rng = np.random.default_rng(10)
+    _create_version_1(db_url, _unit(rng, 1)[0])
+    store = open_store()
+    added = store.apply(ImageBatch(upserts=[_new(i, v) for i, v in enumerate(_unit(rng, 2), 1)]), MODELS)
+    newest = int(added.added_ids.max())
+    store.delete_images([newest])
+    again = store.apply(ImageBatch(upserts=[_new(9, _unit(rng, 1)[0])]), MODELS)
+    assert int(again.added_ids[0]) > newest
+    store.close()
 
 
 def test_newer_schema_version_is_refused(open_store: Callable[[], MetadataStore]) -> None:

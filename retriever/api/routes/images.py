@@ -18,7 +18,7 @@ router = APIRouter(prefix="/images", tags=["images"])
 ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="The image's id, as search results give it.")]
 
 
-@router.get("", response_model=ImagesPublic, responses=error_responses(422))
+@router.get("", response_model=ImagesPublic, responses=error_responses(422, 503))
 def list_images(
     runtime: RuntimeDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
@@ -29,7 +29,7 @@ def list_images(
     return ImagesPublic(data=data, count=count)
 
 
-@router.get("/{image_id}", response_model=ImagePublic, responses=error_responses(404, 422))
+@router.get("/{image_id}", response_model=ImagePublic, responses=error_responses(404, 422, 503))
 def get_image(runtime: RuntimeDep, image_id: ImageId) -> ImagePublic:
     """An indexed image's metadata."""
     return crud.image_public(crud.get_image(runtime.reader, image_id))
@@ -40,7 +40,7 @@ def get_image(runtime: RuntimeDep, image_id: ImageId) -> ImagePublic:
     response_class=FileResponse,
     responses={
         200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
-        **error_responses(404, 422),
+        **error_responses(404, 422, 503),
     },
 )
 def get_thumbnail(
@@ -50,8 +50,8 @@ def get_thumbnail(
 ) -> FileResponse:
     """A JPEG thumbnail of the image (cached in the index dir after the first request)."""
     record = crud.get_image(runtime.reader, image_id)
-    crud.existing_file(record)
-    path = thumbnail(runtime.settings.index_dir, record, size)
+    source = crud.existing_file(record, crud.served_roots(runtime))
+    path = thumbnail(runtime.settings.index_dir, record, size, source)
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -60,12 +60,12 @@ def get_thumbnail(
     response_class=FileResponse,
     responses={
         200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-        **error_responses(404, 422),
+        **error_responses(404, 422, 503),
     },
 )
 def get_file(runtime: RuntimeDep, image_id: ImageId) -> FileResponse:
     """The original image file, from the path the index recorded for this id."""
-    path = crud.existing_file(crud.get_image(runtime.reader, image_id))
+    path = crud.existing_file(crud.get_image(runtime.reader, image_id), crud.served_roots(runtime))
     return FileResponse(path, filename=path.name, content_disposition_type="inline")
 
 
@@ -74,7 +74,7 @@ def get_file(runtime: RuntimeDep, image_id: ImageId) -> FileResponse:
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     dependencies=[WriterDep],
-    responses=error_responses(401, 404, 409, 422),
+    responses=error_responses(401, 404, 409, 422, 503),
 )
 def delete_image(runtime: RuntimeDep, image_id: ImageId) -> None:
     """Remove an image from the index (not its file); re-indexing its folder finds it again."""

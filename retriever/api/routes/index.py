@@ -19,7 +19,7 @@ router = APIRouter(tags=["index"])
     response_model=JobPublic,
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[WriterDep],
-    responses=error_responses(401, 403, 404, 422),
+    responses=error_responses(400, 401, 403, 404, 422),
 )
 def start_index(runtime: RuntimeDep, body: IndexRequest, response: Response) -> JobPublic:
     """Queue a job that indexes a folder (or one image); jobs run one after another.

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from .. import crud
 from ..deps import ModelsDep, RuntimeDep
 from ..errors import error_responses
-from ..schemas import ImageQueryResponse, ImageSearchResponse
+from ..schemas import NOT_BLANK, ImageQueryResponse, ImageSearchResponse
 from ..uploads import decode_upload, read_limited
 
 router = APIRouter(prefix="/search", tags=["search"])
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/search", tags=["search"])
 _K_HELP = "How many results to return."
 _CANDIDATES_HELP = (
     "How many prefilter candidates the ViLT rerank scores. Default: 20 on a CPU, 100 on a GPU. "
-    "Results are at most this many when reranking."
+    "Never fewer than k: a search returns k results whenever the index holds that many."
 )
 _RERANK_HELP = "Rerank the prefilter's candidates with ViLT image-text matching."
 
@@ -26,7 +26,15 @@ _RERANK_HELP = "Rerank the prefilter's candidates with ViLT image-text matching.
 def search_text(
     runtime: RuntimeDep,
     models: ModelsDep,
-    q: Annotated[str, Query(min_length=1, max_length=1000, description="Words to search images for.")],
+    q: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=1000,
+            description="Words to search images for (not only whitespace).",
+            json_schema_extra={"pattern": NOT_BLANK},
+        ),
+    ],
     k: Annotated[int, Query(ge=1, le=100, description=_K_HELP)] = 10,
     candidates: Annotated[int | None, Query(ge=1, le=1000, description=_CANDIDATES_HELP)] = None,
     rerank: Annotated[bool, Query(description=_RERANK_HELP)] = True,

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/texts", tags=["texts"])
     "",
     response_model=TextsAdded,
     dependencies=[WriterDep],
-    responses=error_responses(401, 409, 422, 503),
+    responses=error_responses(400, 401, 409, 422, 503),
 )
 def add_texts(runtime: RuntimeDep, models: ModelsDep, body: TextsCreate) -> TextsAdded:
     """Add captions; a caption whose ``id`` exists already replaces it."""

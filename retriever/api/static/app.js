@@ -242,6 +242,15 @@
 
   function textSearch() {
     const q = els.q.value;
+    if (!q.trim()) {
+      // Said here in words, instead of the server's "q: String should have at least 1 character".
+      cancelCurrent();
+      els.results.replaceChildren();
+      setStatus("error", "");
+      showError("Type some words to search for, or drop an image.");
+      els.q.focus();
+      return;
+    }
     const params = new URLSearchParams({ q, k: els.k.value, rerank: String(els.rerank.checked) });
     const pageParams = new URLSearchParams(location.search);
     if (q.trim()) pageParams.set("q", q.trim());
@@ -282,19 +291,35 @@
 
   // -- rendering ----------------------------------------------------------------------------------
 
+  // The same three numbers, under the same names, as the API and the CLI: first the score the hits
+  // are ranked by, then the ITM logit (when the hit was reranked) and the prefilter cosine.
   function scoreBadges(hit) {
+    const reranked = hit.rerank_score !== null && hit.rerank_score !== undefined;
     return el(
       "span",
       { class: "scores" },
       el(
         "span",
         {
-          class: "score score-itm",
-          title: `ViLT image-text matching score (logit), higher is better: ${hit.rerank_score ?? "not reranked"}`,
+          class: "score score-main",
+          title: reranked
+            ? `Ranked by this score: the ITM logit plus the prefilter's logit: ${hit.score}`
+            : `Ranked by this score: the prefilter cosine: ${hit.score}`,
         },
-        el("span", { class: "score-label", text: "ITM" }),
-        el("span", { class: "score-value", text: fmtNumber(hit.rerank_score, 2) }),
+        el("span", { class: "score-label", text: "score" }),
+        el("span", { class: "score-value", text: fmtNumber(hit.score, 2) }),
       ),
+      reranked
+        ? el(
+            "span",
+            {
+              class: "score score-itm",
+              title: `ViLT image-text matching logit, higher is better: ${hit.rerank_score}`,
+            },
+            el("span", { class: "score-label", text: "ITM" }),
+            el("span", { class: "score-value", text: fmtNumber(hit.rerank_score, 2) }),
+          )
+        : null,
       el(
         "span",
         { class: "score score-cos", title: `CLIP prefilter cosine similarity: ${hit.prefilter_score}` },
@@ -390,7 +415,8 @@
     els.modalOpen.href = `v1/images/${id}/file`;
     metaRows(els.modalScores, [
       ["Rank", String(hit.rank), "rank"],
-      ["ITM score", fmtNumber(hit.rerank_score, 3), "rerank_score"],
+      ["Score (ranked by)", fmtNumber(hit.score, 3), "score"],
+      ["ITM logit", fmtNumber(hit.rerank_score, 3), "rerank_score"],
       ["Prefilter cosine", fmtNumber(hit.prefilter_score, 4), "prefilter_score"],
     ]);
     metaRows(els.modalMeta, [["Details", "Loading…"]]);
