@@ -411,9 +411,16 @@ app.command("bench")(bench_command)
 
 def main() -> None:
     """Console-script entry point."""
+    from . import common
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(common.INTERRUPTED)
+    except SystemExit as exc:
+        # Typer turns Ctrl-C into a silent exit 130; say it once, unless the command already did.
+        if exc.code == common.INTERRUPTED and not common.said["interrupted"]:
+            typer.echo("interrupted", err=True)
+        raise

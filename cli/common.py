@@ -58,9 +58,17 @@ def default_home() -> Path:
     return Path(base) / "retriever"
 
 
+#: Exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+#: Set once a line about the interruption has been printed, so the entry point adds none of its own.
+said: dict[str, bool] = {"interrupted": False}
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error without a traceback and exit."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if code == INTERRUPTED:
+        said["interrupted"] = True
     raise typer.Exit(code)
 
 
@@ -111,7 +119,7 @@ class ModelContext:
         self, prefilter: str | None, reranker: str | None, model: str | None = None
     ) -> tuple[str, str]:
         """Explicit models first, then a --model preset, then the index's own models, then the defaults."""
-        from retriever.factory import DEFAULT_PREFILTER, DEFAULT_RERANKER, preset
+        from retriever.presets import DEFAULT_PREFILTER, DEFAULT_RERANKER, preset
 
         if model is not None:
             pre, rer = preset(model)

@@ -11,36 +11,35 @@ import torch
 
 from .encoders import ClipEncoder
 from .errors import ModelNotFoundError, RetrieverError
+from .presets import DEFAULT_PREFILTER, DEFAULT_RERANKER, PRESETS, SHAPES_DIR, preset
 from .rerank import ViltReranker
 
-DEFAULT_PREFILTER = "openai/clip-vit-base-patch32"
-DEFAULT_RERANKER = "dandelin/vilt-b32-finetuned-coco"
+__all__ = [
+    "DEFAULT_CANDIDATES_CPU",
+    "DEFAULT_CANDIDATES_GPU",
+    "DEFAULT_PREFILTER",
+    "DEFAULT_RERANKER",
+    "PRESETS",
+    "RERANK_BATCH_CPU",
+    "RERANK_BATCH_GPU",
+    "SHAPES_DIR",
+    "default_candidates",
+    "fingerprint",
+    "load_prefilter",
+    "load_reranker",
+    "model_name",
+    "preset",
+    "rerank_batch_size",
+    "resolve_device",
+]
 
-#: The model shipped inside the package, trained by ``retriever train`` on the shapes benchmark.
-SHAPES_DIR = Path(__file__).resolve().parent / "models" / "shapes"
-
-#: Named presets for ``--model``: (prefilter, reranker).
-PRESETS: dict[str, tuple[str, str]] = {
-    "coco": (DEFAULT_PREFILTER, DEFAULT_RERANKER),
-    "flickr30k": (DEFAULT_PREFILTER, "dandelin/vilt-b32-finetuned-flickr30k"),
-    "shapes": (str(SHAPES_DIR / "prefilter"), str(SHAPES_DIR / "reranker")),
-}
-
-#: Rerank candidates by default: a ViLT-B/32 pair costs about 0.3 s on a 2-core CPU, a few ms on a GPU.
+#: Rerank candidates by default: a ViLT-B/32 pair costs tens of ms on a 2-core CPU, a few ms on a GPU.
 DEFAULT_CANDIDATES_CPU = 20
 DEFAULT_CANDIDATES_GPU = 100
 #: Pairs per rerank forward pass: 16 fills a CPU's matmul units (measured best of 4-32 on 2 Sapphire
 #: Rapids cores); a GPU needs more rows than 16 x ~200 tokens to fill its SMs.
 RERANK_BATCH_CPU = 16
 RERANK_BATCH_GPU = 64
-
-
-def preset(name: str) -> tuple[str, str]:
-    """The (prefilter, reranker) of a named preset."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise RetrieverError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
 def resolve_device(name: str) -> torch.device:

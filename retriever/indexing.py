@@ -9,15 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .encoders import DualEncoder
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, iter_image_files, read_and_decode
 from .index.store import Encoded, FileState, ImageBatch, NewImage
 from .library import Library, ModelInfo
-from .rerank import Reranker
+
+if TYPE_CHECKING:  # the model types only: planning a run (plan_index) must not load torch
+    from .encoders import DualEncoder
+    from .rerank import Reranker
 
 
 @dataclass

@@ -11,6 +11,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer
 
+from retriever.captions import caption_id
 from retriever.errors import NotFoundError, RetrieverError
 from retriever.index.schema import ImageRow
 from retriever.index.store import ImageRecord
@@ -208,11 +209,16 @@ def search_texts_by_image(
 
 
 def add_texts(runtime: Runtime, models: Models, texts: list[TextCreate]) -> tuple[int, int]:
-    """Encode and store captions; returns how many were written and how many the collection holds."""
+    """Encode and store captions; returns how many were written and how many the collection holds.
+
+    A caption without an id is stored under one derived from its text (``captions.caption_id``), as
+    `retriever texts add` does, so sending it again replaces it instead of adding a copy.
+    """
     vectors = models.prefilter.encode_texts([t.text for t in texts])
+    ids = [t.id if t.id is not None else caption_id(" ".join(t.text.split())) for t in texts]
     with runtime.writing() as library:
         library.check_models(model_info(models.prefilter, models.reranker), record=True)
-        added = library.commit_texts([(t.id, t.text, v) for t, v in zip(texts, vectors, strict=True)])
+        added = library.commit_texts([(i, t.text, v) for i, t, v in zip(ids, texts, vectors, strict=True)])
         return added, library.store.count_texts()
 
 

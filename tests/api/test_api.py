@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from retriever.captions import caption_id
 from retriever.errors import ModelNotFoundError
 from retriever.library import Library
 from retriever.search import search_text
@@ -355,7 +356,10 @@ def test_add_texts(indexed: Path, make_client: AppFactory) -> None:
         _is_error(client.post("/v1/texts", json=bad, headers=key), 422)
     upload = {"file": ("q.png", png_bytes(), "image/png")}
     found = client.post("/v1/search/image", files=upload, data={"target": "texts", "k": 10}).json()
-    assert {h["id"] for h in found["data"]} == {"c1", "c2", "c3", "4"}
+    # An id-less caption gets the id `retriever texts add` gives it, and sending it again adds no copy.
+    assert {h["id"] for h in found["data"]} == {"c1", "c2", "c3", caption_id("an orange")}
+    again = client.post("/v1/texts", json={"texts": [{"text": "an  orange"}]}, headers=key)
+    assert again.json() == {"added": 1, "count": 4}
     assert "a red square!" in {h["text"] for h in found["data"]}
 
 

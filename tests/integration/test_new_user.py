@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,8 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ok(indexed)
     assert "skipped" in indexed.stderr and "broken.png" in indexed.stderr
     assert "added 32" in indexed.stdout
+    # Not a terminal (a log, CI, nohup): plain progress lines instead of a bar.
+    assert "indexing: 33/33 img" in indexed.stderr  # 32 images and the broken file
     return work
 
 
@@ -149,3 +153,24 @@ def test_bad_input_is_one_line_and_leaves_nothing(
         args = (*args, "--index-dir", "demo/index")
     refused(cli(*args, cwd=quickstart), code, *words)
     assert not (quickstart / "fresh").exists()
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.5])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(quickstart: Path, delay: float) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVER_")}
+    env.update(HF_HUB_OFFLINE="1", HOME=str(quickstart / "home"))
+    args = ["index", "demo/shapes", "--model", "shapes", "--index-dir", f"ctrl-c-{delay}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retriever", *args],
+        cwd=quickstart,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    if "added" not in out:  # not finished before the signal came
+        assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)

@@ -1,0 +1,28 @@
+"""Model names and presets: which checkpoints ``--model`` names, readable without loading torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import RetrieverError
+
+DEFAULT_PREFILTER = "openai/clip-vit-base-patch32"
+DEFAULT_RERANKER = "dandelin/vilt-b32-finetuned-coco"
+
+#: The model shipped inside the package, trained by ``retriever train`` on the shapes benchmark.
+SHAPES_DIR = Path(__file__).resolve().parent / "models" / "shapes"
+
+#: Named presets for ``--model``: (prefilter, reranker).
+PRESETS: dict[str, tuple[str, str]] = {
+    "coco": (DEFAULT_PREFILTER, DEFAULT_RERANKER),
+    "flickr30k": (DEFAULT_PREFILTER, "dandelin/vilt-b32-finetuned-flickr30k"),
+    "shapes": (str(SHAPES_DIR / "prefilter"), str(SHAPES_DIR / "reranker")),
+}
+
+
+def preset(name: str) -> tuple[str, str]:
+    """The (prefilter, reranker) of a named preset."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RetrieverError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}") from None
