@@ -173,4 +173,8 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line(quickstart: Path, delay: f
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
     if "added" not in out:  # not finished before the signal came
-        assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
+        # 130, or ended by SIGINT itself (how Python reports some interrupted imports); one line either way.
+        assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+        assert [line for line in err.splitlines() if line.strip()][-1:] == ["interrupted"] or (
+            "error: interrupted" in err
+        ), err
