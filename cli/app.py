@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from . import INTERRUPTED
 from .bench import bench_command
 from .common import Context, errors_as_messages, fail
 from .datasets import app as datasets_app
@@ -122,7 +122,10 @@ def index(
         except KeyboardInterrupt:
             if bar:
                 bar.close()
-            fail("interrupted; what was indexed so far is kept, and the next run goes on from there", 130)
+            fail(
+                "interrupted; what was indexed so far is kept, and the next run goes on from there",
+                INTERRUPTED,
+            )
         if bar:
             bar.close()
     _print_index_report(report, json_out)
@@ -141,13 +144,11 @@ def _nothing_to_index(library: Library, folder: Path, model_ids: tuple[str, str]
     import time
 
     from retriever.indexing import IndexReport, plan_index
+    from retriever.presets import model_name
 
     started = time.perf_counter()
     info = library.models()
-    # Named as the factory names them (a local folder by its absolute path), without importing torch.
-    asked = tuple(
-        str(Path(m).expanduser().resolve()) if Path(m).expanduser().is_dir() else m for m in model_ids
-    )
+    asked = tuple(model_name(m) for m in model_ids)
     if info is None or (info.prefilter, info.reranker) != asked or library.check():
         return None
     plan = plan_index(library, folder)
@@ -264,14 +265,7 @@ def _query_image(path: Path) -> Any:
         raise ImageDecodeError(f"--image {path}: {exc}") from None
 
 
-@texts_app.command(
-    "add",
-    help="Add captions to the collection that `search --image PATH --texts` ranks. Adding is idempotent: a "
-    "caption without an id is stored under an id derived from its text ('t-' and 16 hex digits of its "
-    "SHA-256), so adding the same file again keeps one copy of each caption. A caption whose id is stored "
-    "already replaces it (a JSONL 'id' names the caption to replace); one stored with the same text is left "
-    "as it is and not encoded again.",
-)
+@texts_app.command("add")
 def texts_add(
     file: Annotated[
         Path,
@@ -316,12 +310,7 @@ def texts_add(
     )
 
 
-@texts_app.command(
-    "list",
-    help="List the captions, oldest first, each with the id that search results show and `texts remove` "
-    "takes: one ID<tab>TEXT line each, or with --json one object {data: [{id, text}, ...], count} whose "
-    "count is the whole collection's. Writes nothing.",
-)
+@texts_app.command("list")
 def texts_list(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Show only the first N captions.", show_default=False)
@@ -410,17 +399,6 @@ app.command("bench")(bench_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    from . import common
-
+    """Run the command line; ``retriever.cli.main``, the console script, wraps it for Ctrl-C."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(common.INTERRUPTED)
-    except SystemExit as exc:
-        # Typer turns Ctrl-C into a silent exit 130; say it once, unless the command already did.
-        if exc.code == common.INTERRUPTED and not common.said["interrupted"]:
-            typer.echo("interrupted", err=True)
-        raise
+    app()

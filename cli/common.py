@@ -13,6 +13,8 @@ import typer
 
 from retriever.errors import EmptyQueryError, ImageDecodeError, RetrieverError
 
+from . import INTERRUPTED, said
+
 #: What to do about each refused write, by errno. Every write keeps the index consistent (see
 #: retriever.library), so the advice is always to fix the cause and run the same command again.
 _OS_ADVICE: dict[int, str] = {
@@ -56,12 +58,6 @@ def default_home() -> Path:
     """The index dir when neither --index-dir nor RETRIEVER_HOME is given."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "retriever"
-
-
-#: Exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
-INTERRUPTED = 130
-#: Set once a line about the interruption has been printed, so the entry point adds none of its own.
-said: dict[str, bool] = {"interrupted": False}
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -401,7 +401,7 @@ class MetadataStore:
         wanted = list(set(hashes))
         found: dict[str, Encoded] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(wanted), 500):
+            for start in range(0, len(wanted), _IN_CHUNK):
                 stmt = select(
                     ImageRow.content_hash,
                     ImageRow.vector,
@@ -409,7 +409,7 @@ class MetadataStore:
                     ImageRow.height,
                     ImageRow.patch_offset,
                     ImageRow.patch_tokens,
-                ).where(ImageRow.content_hash.in_(wanted[start : start + 500]))
+                ).where(ImageRow.content_hash.in_(wanted[start : start + _IN_CHUNK]))
                 for r in conn.execute(stmt):
                     found[r.content_hash] = Encoded(
                         np.frombuffer(r.vector, dtype=np.float32),

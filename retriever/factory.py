@@ -11,7 +11,7 @@ import torch
 
 from .encoders import ClipEncoder
 from .errors import ModelNotFoundError, RetrieverError
-from .presets import DEFAULT_PREFILTER, DEFAULT_RERANKER, PRESETS, SHAPES_DIR, preset
+from .presets import DEFAULT_PREFILTER, DEFAULT_RERANKER, PRESETS, SHAPES_DIR, model_name, preset
 from .rerank import ViltReranker
 
 __all__ = [
@@ -56,12 +56,6 @@ def resolve_device(name: str) -> torch.device:
 def default_candidates(device: torch.device) -> int:
     """How many prefilter candidates the rerank scores by default on this device."""
     return DEFAULT_CANDIDATES_GPU if device.type == "cuda" else DEFAULT_CANDIDATES_CPU
-
-
-def model_name(id_or_path: str) -> str:
-    """A stable name for a model: the absolute path of a local folder, else the hub id as given."""
-    path = Path(id_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else id_or_path
 
 
 def fingerprint(model: Any) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DecodedImage",
     "decode_image",
+    "is_inside",
     "iter_image_files",
     "read_and_decode",
 ]
@@ -128,7 +129,8 @@ def _is_image_name(name: str) -> bool:
 SkipFn = Callable[[str, str], None]
 
 
-def _inside(real: str, roots: Sequence[str]) -> bool:
+def is_inside(real: str, roots: Sequence[str]) -> bool:
+    """Whether the real path ``real`` is one of ``roots`` (real paths too) or lies under one of them."""
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
@@ -164,7 +166,7 @@ def iter_image_files(
         if roots is None:
             return True
         real = os.path.realpath(path)
-        if _inside(real, roots):
+        if is_inside(real, roots):
             return True
         skip(path, f"outside the folders that may be indexed (it leads to {real})")
         return False

@@ -303,8 +303,7 @@ class Library:
         gen, ids, vecs = self.store.add_texts(items)
         index.remove(ids)
         index.add(ids, vecs)
-        self._loaded_generation["texts"] = gen
-        save_generation(index, self.home, "texts", gen)
+        self._save_texts(index, gen)
         return len(ids)
 
     def texts_to_write(self, items: Sequence[tuple[str | None, str]]) -> list[tuple[str | None, str]]:

@@ -1,4 +1,5 @@
-"""Model names and presets: which checkpoints ``--model`` names, readable without loading torch."""
+"""Model names and presets: which checkpoints ``--model`` names and what an index records them as,
+readable without loading torch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ PRESETS: dict[str, tuple[str, str]] = {
     "flickr30k": (DEFAULT_PREFILTER, "dandelin/vilt-b32-finetuned-flickr30k"),
     "shapes": (str(SHAPES_DIR / "prefilter"), str(SHAPES_DIR / "reranker")),
 }
+
+
+def model_name(id_or_path: str) -> str:
+    """A stable name for a model: the absolute path of a local folder, else the hub id as given."""
+    path = Path(id_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else id_or_path
 
 
 def preset(name: str) -> tuple[str, str]:

@@ -110,7 +110,7 @@ def search_text(
     clock = _Clock()
     qvec = prefilter.encode_texts([query])[0]
     clock.lap("encode")
-    found = _prefilter(library, "images", qvec, max(candidates, k) if reranker else k)
+    found = _prefilter(library, "images", qvec, candidates if reranker else k)
     records = library.store.images([i for i, _ in found])
     hits = [Hit(i, s, s, path=records[i].path) for i, s in found if i in records]
     clock.lap("prefilter")
@@ -179,7 +179,7 @@ def search_image_texts(
         raise RetrieverError("the caption collection is empty: add captions with `retriever texts add FILE`")
     qvec = prefilter.encode_images([image])[0]
     clock.lap("encode")
-    found = _prefilter(library, "texts", qvec, max(candidates, k) if reranker else k)
+    found = _prefilter(library, "texts", qvec, candidates if reranker else k)
     records = library.store.texts([i for i, _ in found])
     hits = [Hit(i, s, s, text=records[i].text, ext_id=records[i].ext_id) for i, s in found if i in records]
     clock.lap("prefilter")

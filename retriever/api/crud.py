@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, defer
 
 from retriever.captions import caption_id
 from retriever.errors import NotFoundError, RetrieverError
+from retriever.images import is_inside
 from retriever.index.schema import ImageRow
 from retriever.index.store import ImageRecord
 from retriever.indexing import model_info
@@ -81,7 +82,7 @@ def existing_file(record: ImageRecord, roots: tuple[str, ...]) -> Path:
     indexing is never served. ``NotFoundError`` otherwise, with the reason.
     """
     real = os.path.realpath(record.path)
-    if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+    if not is_inside(real, roots):
         raise NotFoundError(
             f"the file of image {record.id} is not served: it now leads outside the folders this server "
             "serves (a symbolic link changed after indexing?)"
@@ -259,11 +260,7 @@ def resolve_index_path(roots: tuple[Path, ...], path: str) -> Path:
         real = os.path.realpath(os.path.join(roots[0], path))
     except (OSError, ValueError) as exc:
         raise RetrieverError(f"not a usable path: {exc}") from exc
-    for root in roots:
-        root_real = os.path.realpath(root)
-        if os.path.commonpath([real, root_real]) == root_real:
-            break
-    else:
+    if not is_inside(real, [os.path.realpath(root) for root in roots]):
         allowed = ", ".join(str(r) for r in roots)
         raise OutsideRootsError(f"{path} is outside the folders this server may index ({allowed})")
     if not os.path.exists(real):

@@ -140,26 +140,12 @@ def make_settings(
 
 
 @pytest.fixture
-def make_client(
-    tmp_path: Path, db_url: str, loader: GatedLoader, tiny_clip_dir: Path, tiny_vilt_dir: Path
-) -> Iterator[AppFactory]:
+def make_client(make_settings: Callable[..., Settings], loader: GatedLoader) -> Iterator[AppFactory]:
     """Start the app (settings overridable by keyword) and return a TestClient; all are shut down after."""
     clients: list[TestClient] = []
 
-    (tmp_path / "root").mkdir(exist_ok=True)
-
     def make(wait: bool = True, **overrides: Any) -> TestClient:
-        fields: dict[str, Any] = {
-            "index_dir": tmp_path / "index",
-            "db_url": db_url,
-            "prefilter": str(tiny_clip_dir),
-            "reranker": str(tiny_vilt_dir),
-            "device": "cpu",
-            "roots": ((tmp_path / "root").resolve(),),
-            "allowed_hosts": TEST_HOSTS,
-            **overrides,
-        }
-        client = TestClient(create_app(Settings(**fields), loader=loader))
+        client = TestClient(create_app(make_settings(**overrides), loader=loader))
         client.__enter__()
         clients.append(client)
         if wait:

@@ -23,28 +23,14 @@ from retriever.images import (
     iter_image_files,
     read_and_decode,
 )
+from tests.unit.test_images import BLUE, GREEN, RED, YELLOW, _quadrants
 
 pillow_heif = pytest.importorskip("pillow_heif")
 
-RED = (255, 0, 0)
-GREEN = (0, 255, 0)
-BLUE = (0, 0, 255)
-YELLOW = (255, 255, 0)
 #: Lossy encoders at high quality keep flat colour blocks within this of the original, per channel.
 TOL = 40
 
 needs_avif = pytest.mark.skipif(not features.check_module("avif"), reason="Pillow built without AVIF")
-
-
-def _quadrants(width: int, height: int) -> Image.Image:
-    """Top-left red, top-right green, bottom-left blue, bottom-right yellow."""
-    img = Image.new("RGB", (width, height))
-    half_w, half_h = width // 2, height // 2
-    img.paste(RED, (0, 0, half_w, half_h))
-    img.paste(GREEN, (half_w, 0, width, half_h))
-    img.paste(BLUE, (0, half_h, half_w, height))
-    img.paste(YELLOW, (half_w, half_h, width, height))
-    return img
 
 
 def _encode(img: Image.Image, fmt: str, orientation: int | None = None) -> bytes:
