@@ -36,13 +36,12 @@ RUN groupadd --gid 1000 retriever \
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /src
-# retriever/index and retriever/cli are symbolic links to ../index and ../cli. COPY keeps links as
-# links, so the top-level index/ and cli/ folders are copied next to retriever/ for the links to
-# resolve; the wheel pip builds then holds retriever/index/*.py and retriever/cli/*.py as files.
+# The package's three source folders: index/ and cli/ install as retriever.index and retriever.cli
+# (pyproject's package-dir mapping).
 COPY pyproject.toml README* ./
+COPY retriever/ retriever/
 COPY index/ index/
 COPY cli/ cli/
-COPY retriever/ retriever/
 
 # pyproject's `faiss-cpu; extra != 'gpu'` is installed even with the gpu extra (pip evaluates base
 # requirements with no extra), and faiss-cpu and faiss-gpu-cu12 both own the `faiss` module: on the

@@ -7,7 +7,7 @@ VENV ?= .venv
 PHOTOS ?=
 DEMO ?= demo-data
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: setup
 	tests/prepare.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
-# The unit tests alone, without slow ones: a few minutes, no database server, no browser, no linters.
+# Everything but the slow tests, the browser, PostgreSQL and the linters: a few minutes, no services.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow" tests/unit
+	HF_HUB_OFFLINE=1 RETRIEVER_SKIP_BROWSER=1 RETRIEVER_SKIP_POSTGRES=1 \
+		$(VENV)/bin/python -m pytest -q -m "not slow" --ignore=tests/test_quality.py --ignore=tests/browser
+
+# ruff, mypy (strict, package and tests) and the import-layer contracts, as `make test` runs them.
+lint: setup
+	$(VENV)/bin/python -m tests.lint

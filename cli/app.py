@@ -23,7 +23,7 @@ from .train import train_command
 
 if TYPE_CHECKING:
     from retriever.indexing import IndexReport
-    from retriever.library import Library
+    from retriever.search_index import SearchIndex
 
 _HELP_NAMES = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
@@ -100,9 +100,12 @@ def index(
         ctx = Context(index_dir, db_url, device, rebind=rebuild)
         stack.callback(ctx.discard_if_unused)  # a first run that fails leaves no empty index behind
         # The lock first: a second writer hears at once that it must wait, not after loading models.
-        stack.enter_context(ctx.library.writer())
+        stack.enter_context(ctx.search_index.writer())
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
-        if not rebuild and (early := _nothing_to_index(ctx.library, folder, (pre_id, re_id))) is not None:
+        if (
+            not rebuild
+            and (early := _nothing_to_index(ctx.search_index, folder, (pre_id, re_id))) is not None
+        ):
             _print_index_report(early, json_out)
             return
         pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
@@ -117,7 +120,13 @@ def index(
 
         try:
             report = index_folder(
-                ctx.library, pre, rer, folder, batch_size=batch_size, rebuild=rebuild, on_progress=on_progress
+                ctx.search_index,
+                pre,
+                rer,
+                folder,
+                batch_size=batch_size,
+                rebuild=rebuild,
+                on_progress=on_progress,
             )
         except KeyboardInterrupt:
             if bar:
@@ -138,7 +147,9 @@ def _print_index_report(report: IndexReport, json_out: bool) -> None:
         print_report(report)
 
 
-def _nothing_to_index(library: Library, folder: Path, model_ids: tuple[str, str]) -> IndexReport | None:
+def _nothing_to_index(
+    search_index: SearchIndex, folder: Path, model_ids: tuple[str, str]
+) -> IndexReport | None:
     """The report of a run with nothing to do, found without loading a model (seconds of start-up), or
     None when there is work: a new, changed or gone file, damage to repair, or other models asked for."""
     import time
@@ -147,16 +158,16 @@ def _nothing_to_index(library: Library, folder: Path, model_ids: tuple[str, str]
     from retriever.presets import model_name
 
     started = time.perf_counter()
-    info = library.models()
+    info = search_index.models()
     asked = tuple(model_name(m) for m in model_ids)
-    if info is None or (info.prefilter, info.reranker) != asked or library.check():
+    if info is None or (info.prefilter, info.reranker) != asked or search_index.check():
         return None
-    plan = plan_index(library, folder)
+    plan = plan_index(search_index, folder)
     if not plan.nothing_to_do:
         return None
     for path, reason in plan.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
-    library.record_roots([folder.expanduser().resolve(), *plan.linked])
+    search_index.record_roots([folder.expanduser().resolve(), *plan.linked])
     return IndexReport(unchanged=plan.unchanged, skipped=plan.skipped, seconds=time.perf_counter() - started)
 
 
@@ -200,7 +211,6 @@ def search(
     json_out: JsonOut = False,
 ) -> None:
     """Search by text (text→image), by image (--image: image→image) or for captions (--image --texts)."""
-    from retriever.factory import default_candidates
     from retriever.indexing import model_info
     from retriever.search import clean_query, search_image, search_image_texts, search_text
 
@@ -213,20 +223,20 @@ def search(
             query = clean_query(query)
         decoded = _query_image(image) if image is not None else None
         ctx = Context(index_dir, db_url, device, read_only=True)
-        if ctx.library.models() is None:
-            fail(f"the index at {ctx.library.home} is empty: run `retriever index DIR` first", 1)
+        if ctx.search_index.models() is None:
+            fail(f"the index at {ctx.search_index.home} is empty: run `retriever index DIR` first", 1)
         pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
         pre = ctx.load_prefilter(pre_id)
         rer = None
         if not no_rerank and not (image is not None and not texts):
             rer = ctx.load_reranker(re_id)
-            ctx.library.check_models(model_info(pre, rer), record=False)
-        n_candidates = candidates or default_candidates(ctx.device)
+            ctx.search_index.check_models(model_info(pre, rer), record=False)
+        n_candidates = candidates or ctx.plan.candidates
         bar = Bar.for_terminal("reranking", unit="pair", delay=1.0) if rer is not None else None
         if decoded is None:
             assert query is not None
             result = search_text(
-                ctx.library,
+                ctx.search_index,
                 pre,
                 rer,
                 query,
@@ -237,7 +247,7 @@ def search(
             )
         elif texts:
             result = search_image_texts(
-                ctx.library,
+                ctx.search_index,
                 pre,
                 rer,
                 decoded,
@@ -248,7 +258,7 @@ def search(
                 fuse=not itm_only,
             )
         else:
-            result = search_image(ctx.library, pre, decoded, k=k, label=str(image))
+            result = search_image(ctx.search_index, pre, decoded, k=k, label=str(image))
         if bar:
             bar.close()
     print_hits(result, as_json=json_out)
@@ -292,16 +302,16 @@ def texts_add(
         items = read_captions(file)
         ctx = Context(index_dir, db_url, device)
         stack.callback(ctx.discard_if_unused)  # a first command that fails leaves no empty index behind
-        with ctx.library.writer():  # before the models load, so a second writer hears at once
-            todo = ctx.library.texts_to_write(items)
-            before = ctx.library.store.count_texts()
+        with ctx.search_index.writer():  # before the models load, so a second writer hears at once
+            todo = ctx.search_index.texts_to_write(items)
+            before = ctx.search_index.store.count_texts()
             if todo:  # the models load only when there is something to encode
                 pre_id, re_id = ctx.model_ids(prefilter, reranker, model)
                 pre, rer = ctx.load_prefilter(pre_id), ctx.load_reranker(re_id)
-                ctx.library.check_models(model_info(pre, rer), record=True)
+                ctx.search_index.check_models(model_info(pre, rer), record=True)
                 vectors = pre.encode_texts([t for _, t in todo])
-                ctx.library.commit_texts([(i, t, v) for (i, t), v in zip(todo, vectors, strict=True)])
-            count = ctx.library.store.count_texts()
+                ctx.search_index.commit_texts([(i, t, v) for (i, t), v in zip(todo, vectors, strict=True)])
+            count = ctx.search_index.store.count_texts()
     added = count - before
     unchanged = len({i for i, _ in items}) - len(todo)
     typer.echo(
@@ -326,9 +336,9 @@ def texts_list(
     """
     with errors_as_messages():
         ctx = Context(index_dir, db_url, "cpu", read_only=True)
-        records = ctx.library.store.list_texts(limit)
-        count = ctx.library.store.count_texts()
-        ctx.library.close()
+        records = ctx.search_index.store.list_texts(limit)
+        count = ctx.search_index.store.count_texts()
+        ctx.search_index.close()
     rows = [{"id": r.shown_id, "text": r.text} for r in records]
     if json_out:
         typer.echo(json.dumps({"data": rows, "count": count}, ensure_ascii=False))
@@ -356,10 +366,10 @@ def texts_remove(
     with errors_as_messages(), ExitStack() as stack:
         ctx = Context(index_dir, db_url, "cpu")
         stack.callback(ctx.discard_if_unused)
-        with ctx.library.writer():
-            rows = ctx.library.find_texts(ids)
-            removed = ctx.library.remove_texts(list(rows.values()))
-            count = ctx.library.store.count_texts()
+        with ctx.search_index.writer():
+            rows = ctx.search_index.find_texts(ids)
+            removed = ctx.search_index.remove_texts(list(rows.values()))
+            count = ctx.search_index.store.count_texts()
     typer.echo(f"removed {removed} captions ({count} in the collection)")
 
 
@@ -375,7 +385,7 @@ def texts_clear(
     with errors_as_messages(), ExitStack() as stack:
         ctx = Context(index_dir, db_url, "cpu")
         stack.callback(ctx.discard_if_unused)
-        removed = ctx.library.clear_texts()
+        removed = ctx.search_index.clear_texts()
     typer.echo(f"removed {removed} captions (0 in the collection)")
 
 
@@ -384,7 +394,7 @@ def status(index_dir: IndexDir = None, db_url: DbUrl = None, json_out: JsonOut =
     """Counts, models and sizes of the index."""
     with errors_as_messages():
         ctx = Context(index_dir, db_url, "cpu", read_only=True)
-        facts = ctx.library.status()
+        facts = ctx.search_index.status()
     print_status(facts, as_json=json_out)
     if facts["problems"]:
         raise typer.Exit(1)

@@ -7,16 +7,19 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from retriever.errors import EmptyQueryError, ImageDecodeError, RetrieverError
+from retriever.errors import BadQueryError, DatabaseFailureError, ImageDecodeError, RetrieverError
 
 from . import INTERRUPTED, said
 
+if TYPE_CHECKING:
+    from retriever.hardware import HardwarePlan
+
 #: What to do about each refused write, by errno. Every write keeps the index consistent (see
-#: retriever.library), so the advice is always to fix the cause and run the same command again.
+#: retriever.search_index), so the advice is always to fix the cause and run the same command again.
 _OS_ADVICE: dict[int, str] = {
     errno.ENOSPC: "no space left on the device: free some space and run the command again",
     errno.EDQUOT: "the disk quota is exhausted: free some space and run the command again",
@@ -34,13 +37,9 @@ def os_error_message(exc: OSError) -> str:
     return f"{advice}{where}; what was indexed before is kept"
 
 
-def database_error_message(exc: Exception) -> str:
-    """One line for an error the database driver raised mid-command (full, locked, damaged)."""
-    from sqlalchemy.exc import DatabaseError
-
-    from retriever.index.store import database_reason
-
-    reason = database_reason(exc) if isinstance(exc, DatabaseError) else str(exc)
+def database_error_message(exc: DatabaseFailureError) -> str:
+    """One line for a database that failed mid-command (full, locked, damaged), from the driver's reason."""
+    reason = exc.reason
     lowered = reason.lower()
     if "disk i/o" in lowered:
         return f"the database could not write ({reason}): is the disk full? Free some space and run again"
@@ -70,17 +69,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 @contextmanager
 def errors_as_messages() -> Iterator[None]:
-    """Map the library's typed errors to short messages and exit codes."""
-    from sqlalchemy.exc import DatabaseError
-
+    """Map the project's typed errors to short messages and exit codes."""
     try:
         yield
-    except (EmptyQueryError, ImageDecodeError) as exc:
+    except (BadQueryError, ImageDecodeError) as exc:
         fail(str(exc), 2)
+    except DatabaseFailureError as exc:
+        fail(database_error_message(exc), 1)
     except RetrieverError as exc:
         fail(str(exc), 1)
-    except DatabaseError as exc:
-        fail(database_error_message(exc), 1)
     except OSError as exc:
         fail(os_error_message(exc), 1)
 
@@ -94,18 +91,45 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+def keep_freed_setting() -> int:
+    """Bytes of freed memory malloc may keep on a CPU, from ``RETRIEVER_KEEP_FREED_MB`` (default 256 MB, 0:
+    off): the one place the variable is read, for every command that runs models and for the server."""
+    from retriever.hardware import KEEP_FREED_ENV, parse_keep_freed_mb
+
+    return parse_keep_freed_mb(os.environ.get(KEEP_FREED_ENV))
+
+
+def setup_process(device: str, keep_freed: int) -> HardwarePlan:
+    """The hardware plan for ``device`` (see ``retriever.hardware.plan_hardware``), applied to this process:
+    torch's and FAISS's threads, malloc's tuning, the quantized engine. A program's one process set-up, made
+    where it starts, before its models load; library code never changes these."""
+    from retriever.hardware import configure_plan, plan_hardware
+
+    plan = plan_hardware(device, keep_freed=keep_freed)
+    configure_plan(plan)
+    return plan
+
+
 class ModelContext:
     """Models built from the options, on demand, for commands that need no index (eval, train)."""
 
     def __init__(self, device: str) -> None:
         self._device_name = device
+        self._plan: HardwarePlan | None = None
+
+    @property
+    def plan(self) -> HardwarePlan:
+        """The hardware plan for the options' device, applied to this process (``setup_process``) the first
+        time it is asked for: just before the first model loads, so commands that load none never import
+        torch."""
+        if self._plan is None:
+            self._plan = setup_process(self._device_name, keep_freed_setting())
+        return self._plan
 
     @property
     def device(self) -> Any:
-        """The torch device the options name (torch loads here, not for commands that need no model)."""
-        from retriever.factory import resolve_device
-
-        return resolve_device(self._device_name)
+        """The torch device the options name."""
+        return self.plan.device
 
     def recorded_models(self) -> tuple[str, str] | None:
         """The models an index recorded, where there is one."""
@@ -149,14 +173,14 @@ class Context(ModelContext):
         rebind: bool = False,
     ) -> None:
         """``read_only`` for commands that must not write (no folder or database is created);
-        ``rebind`` for a deliberate rebuild (see ``retriever.library.Library``)."""
-        from retriever.library import Library
+        ``rebind`` for a deliberate rebuild (see ``retriever.search_index.SearchIndex``)."""
+        from retriever.search_index import SearchIndex
 
         super().__init__(device)
         home = (index_dir or default_home()).expanduser().resolve()
         self.created = not home.exists()
         try:
-            self.library = Library(home, db_url, read_only=read_only, rebind=rebind)
+            self.search_index = SearchIndex(home, db_url, read_only=read_only, rebind=rebind)
         except BaseException:
             self.discard_if_unused(home)
             raise
@@ -168,16 +192,20 @@ class Context(ModelContext):
 
         if not self.created:
             return
-        library = getattr(self, "library", None)
-        if library is not None:
-            if library.models() is not None or library.store.count_images() or library.store.count_texts():
+        search_index = getattr(self, "search_index", None)
+        if search_index is not None:
+            if (
+                search_index.models() is not None
+                or search_index.store.count_images()
+                or search_index.store.count_texts()
+            ):
                 return
-            library.close()
-            home = library.home
+            search_index.close()
+            home = search_index.home
         if home is not None and home.is_dir():
             shutil.rmtree(home, ignore_errors=True)
 
     def recorded_models(self) -> tuple[str, str] | None:
         """The models the index recorded, or None for an index never written to."""
-        info = self.library.models()
+        info = self.search_index.models()
         return (info.prefilter, info.reranker) if info else None

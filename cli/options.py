@@ -47,7 +47,12 @@ Reranker = Annotated[
         show_default=False,
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", envvar="RETRIEVER_DEVICE", help="auto (CUDA when torch sees a GPU), cpu or cuda."
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 ModelPreset = Annotated[
     str | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +15,10 @@ from retriever.api.settings import (
     Settings,
     allowed_hosts_for,
 )
+from retriever.errors import RetrieverError
 
-from .common import default_home, errors_as_messages, fail
-from .options import DbUrl, IndexDir, ModelPreset, Prefilter, Reranker
+from .common import default_home, errors_as_messages, fail, keep_freed_setting, setup_process
+from .options import DbUrl, Device, IndexDir, ModelPreset, Prefilter, Reranker
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -40,9 +42,7 @@ def serve(
     model: ModelPreset = None,
     prefilter: Prefilter = None,
     reranker: Reranker = None,
-    device: Annotated[
-        str, typer.Option("--device", envvar="RETRIEVER_DEVICE", help="auto, cpu or cuda.")
-    ] = "auto",
+    device: Device = "auto",
     roots: Annotated[
         list[Path] | None,
         typer.Option(
@@ -142,7 +142,12 @@ def serve(
     with errors_as_messages():
         # Open the index once before serving, so a damaged or mismatched one is one line, not a failed
         # start-up's traceback in uvicorn's log.
-        from retriever.library import Library
+        from retriever.search_index import SearchIndex
 
-        Library(settings.index_dir, settings.db_url).close()
+        SearchIndex(settings.index_dir, settings.db_url).close()
+        keep_freed = keep_freed_setting()
+    # The process set-up, once, before the runtime loads the models on its own thread. A device torch cannot
+    # use is left to the runtime, which reports it on /health.
+    with contextlib.suppress(RetrieverError):
+        setup_process(device, keep_freed)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

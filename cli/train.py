@@ -64,7 +64,7 @@ def train_command(
     device: Device = "auto",
 ) -> None:
     """Train the dual encoder (contrastive), then ViLT ITM on negatives it mines. Resumes if interrupted."""
-    from retriever.factory import resolve_device
+    from retriever.hardware import resolve_device
     from retriever.training.loop import StepInfo
     from retriever.training.run import TrainRequest, train
 

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from retriever.errors import IndexDamagedError
+
 DTYPE = np.dtype(np.float16)
 
 
-class PatchCacheShortError(IndexError):
-    """The cache file is missing or holds fewer rows than a read needs (cut short, deleted, replaced)."""
+class PatchCacheShortError(IndexDamagedError, IndexError):
+    """The cache file is missing or holds fewer rows than a read needs (cut short, deleted, replaced).
+
+    A damaged index to the CLI and the API; an ``IndexError`` too, as a read past the end of an array is.
+    """
 
     def __init__(self, path: Path, rows: int, needed: int) -> None:
         state = "is missing" if rows == 0 else f"has {rows} rows"

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Float, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: Bump this and add a step to ``index.store.MIGRATIONS`` for every change below.
+#: Bump this and add a step to ``index.migrations.MIGRATIONS`` for every change below.
 SCHEMA_VERSION = 3
 
 
@@ -33,7 +33,7 @@ class ImageRow(Base):
     """
 
     __tablename__ = "images"
-    # Ids are never reused (see index.store._migrate_2_to_3).
+    # Ids are never reused (see index.migrations._migrate_2_to_3).
     __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (SQLAlchemy reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -2,52 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
-from sqlalchemy import (
-    Connection,
-    Engine,
-    Table,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, delete, func, insert, inspect, select, text, update
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session, defer
 
+from retriever.errors import SchemaError, StoreError
+
+from .database import display_url, explain, immutable_engine, normalize_url, open_engine, translated
+from .migrations import MIGRATIONS
 from .schema import SCHEMA_VERSION, Base, ImageRow, Meta, TextRow
-
-
-class StoreError(Exception):
-    """The database cannot be opened, or holds a schema this version cannot migrate."""
 
 
 class NoStoreError(StoreError):
     """The database exists but holds no store (and was not to be given one)."""
-
-
-#: Free bytes below which a failed SQLite write is put down to a full disk.
-LOW_SPACE_BYTES = 1 << 20
-
-
-def database_reason(exc: DatabaseError) -> str:
-    """The driver's own first line for a database error ("file is not a database", "disk is full")."""
-    text_ = str(exc.orig if exc.orig is not None else exc).strip()
-    return text_.splitlines()[0] if text_ else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -136,54 +109,6 @@ class Applied:
 #: Ids or keys per ``IN (...)`` list, well below SQLite's and PostgreSQL's limits on bound parameters.
 _IN_CHUNK = 500
 
-#: The SQL backends the store is tested on.
-SUPPORTED_BACKENDS = ("sqlite", "postgresql", "postgres")
-
-
-def normalize_url(url: str) -> str:
-    """Pick the psycopg 3 driver for plain ``postgresql://`` URLs; leave every other URL as it is."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError(f"not a database URL: {url!r}") from exc
-    backend = parsed.get_backend_name()
-    if backend not in SUPPORTED_BACKENDS:
-        raise StoreError(
-            f"{backend} databases are not supported: use SQLite (the default, inside the index folder) or "
-            "PostgreSQL (--db-url postgresql://user@host/dbname)"
-        )
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-def _migrate_1_to_2(conn: Connection) -> None:
-    # Version 1 indexed images only; version 2 adds the caption collection for image→text search.
-    TextRow.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
-
-
-def _migrate_2_to_3(conn: Connection) -> None:
-    # Version 3 never reuses an id: a client holding the id of a deleted image must not get another
-    # image under it. PostgreSQL sequences never go back; SQLite reuses the largest rowid after a delete
-    # unless the table is declared AUTOINCREMENT, which only a new table can be, so the tables are copied.
-    # Ids deleted before this step above the largest remaining one cannot be known any more.
-    if conn.dialect.name != "sqlite":
-        return
-    tables: tuple[Table, ...] = (ImageRow.__table__, TextRow.__table__)  # type: ignore[assignment]
-    for table in tables:
-        old = f"{table.name}_v2"
-        conn.execute(text(f'ALTER TABLE "{table.name}" RENAME TO "{old}"'))
-        for index in table.indexes:
-            conn.execute(text(f'DROP INDEX IF EXISTS "{index.name}"'))
-        table.create(conn)
-        columns = ", ".join(f'"{c.name}"' for c in table.columns)
-        conn.execute(text(f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "{old}"'))
-        conn.execute(text(f'DROP TABLE "{old}"'))
-
-
-#: MIGRATIONS[v] upgrades a database at schema version v to v + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
-
 
 def _vec_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
@@ -215,13 +140,17 @@ def _image_record(row: ImageRow) -> ImageRecord:
 
 
 class MetadataStore:
-    """Rows of images and captions, and the index's key-value facts, in one SQL database."""
+    """Rows of images and captions, and the index's key-value facts, in one SQL database.
+
+    The only code that talks SQL: callers get records and numbers, and project errors for failures
+    (``SchemaError`` at opening, ``DatabaseFailureError`` afterwards), never the driver's own.
+    """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         """Open (and migrate) the database; with ``create=False`` a database holding no store is refused
         with ``NoStoreError`` instead of getting the tables."""
         self.url = normalize_url(url)
-        self.engine: Engine = self._create_engine(self.url)
+        self.engine: Engine = open_engine(self.url)
         try:
             try:
                 self._ensure_schema(create)
@@ -233,92 +162,59 @@ class MetadataStore:
             # OperationalError (cannot connect, disk full) and the rest ("file is not a database",
             # "database disk image is malformed") alike: one line that names the database.
             self.engine.dispose()
-            raise StoreError(f"cannot open the database {self.display_url}: {self.explain(exc)}") from exc
+            raise SchemaError(
+                f"cannot open the database {self.display_url}: {explain(self.url, exc)}"
+            ) from exc
         except StoreError:
             self.engine.dispose()
             raise
 
     def _reopen_immutable(self) -> bool:
-        """Open an SQLite file for reading without its WAL files, where that reads everything.
-
-        A reader in WAL mode creates the ``-shm`` file when no connection has it open, so on a full disk
-        (or a read-only folder) even a search cannot open the database. With no ``-wal`` file, or one
-        holding no frame past its 32-byte header, there is no write that the main file lacks, and SQLite's
-        ``immutable`` mode reads it without creating anything.
-        """
-        database = make_url(self.url).database
-        if self.backend != "sqlite" or not database:
+        """Read an SQLite file without its WAL files where that reads everything (``immutable_engine``)."""
+        engine = immutable_engine(self.url)
+        if engine is None:
             return False
-        try:
-            if os.path.getsize(database + "-wal") > 32:
-                return False
-        except FileNotFoundError:
-            pass
         self.engine.dispose()
-        uri = f"file:{os.path.abspath(database)}?mode=ro&immutable=1"
-        self.engine = create_engine(
-            "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False)
-        )
+        self.engine = engine
         return True
-
-    def explain(self, exc: DatabaseError) -> str:
-        """The driver's reason, or what lies behind it: SQLite says "disk I/O error" or "unable to open
-        database file" when it cannot create its journal files, so for an SQLite file the folder is looked
-        at too (read-only, not writable, full)."""
-        reason = database_reason(exc)
-        database = make_url(self.url).database
-        if self.backend == "sqlite" and database:
-            folder = os.path.dirname(os.path.abspath(database))
-            try:
-                free = shutil.disk_usage(folder).free
-                read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-            except OSError:
-                return reason
-            if read_only:
-                return f"the file system holding it is read-only ({reason}): choose another --index-dir"
-            if not os.access(folder, os.W_OK):
-                return f"permission denied on {folder} ({reason}): check who owns it"
-            if free < LOW_SPACE_BYTES:
-                return (
-                    f"no space left on the device holding it ({reason}): free some space and run the "
-                    "command again"
-                )
-        return reason
 
     @property
     def display_url(self) -> str:
         """The URL with any password hidden."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        return display_url(self.url)
 
     @property
     def backend(self) -> str:
         """The SQL dialect's name: ``sqlite`` or ``postgresql``."""
         return self.engine.dialect.name
 
-    @staticmethod
-    def _create_engine(url: str) -> Engine:
-        if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 30})
-
-            @event.listens_for(engine, "connect")
-            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                # WAL lets searches read while an index run writes; NORMAL sync is durable at each
-                # checkpoint and never corrupts the database on a crash.
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.close()
-
-            return engine
-        return create_engine(url, pool_pre_ping=True)
-
     def close(self) -> None:
         """Release the database connections."""
         self.engine.dispose()
 
+    # -- connections: every query below runs in one of these, so no driver error leaves the store ----
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        with translated(), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One transaction, committed when the block ends without an error."""
+        with translated(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        """An ORM session in one transaction, committed when the block ends without an error."""
+        with translated(), Session(self.engine) as session, session.begin():
+            yield session
+
     # -- schema -----------------------------------------------------------------------------------
 
     def _ensure_schema(self, create: bool) -> None:
+        # The driver's errors stay untranslated here: the constructor explains them (``explain``).
         with self.engine.begin() as conn:
             if not inspect(conn).has_table(Meta.__tablename__):
                 if not create:
@@ -330,7 +226,7 @@ class MetadataStore:
                 conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar_one_or_none() or 1
             )
             if version > SCHEMA_VERSION:
-                raise StoreError(
+                raise SchemaError(
                     f"the index database has schema version {version}, newer than this retriever "
                     f"understands ({SCHEMA_VERSION}); upgrade retriever"
                 )
@@ -356,17 +252,17 @@ class MetadataStore:
 
     def meta(self) -> dict[str, str]:
         """Every fact about the index, in one query."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return {r.key: r.value for r in conn.execute(select(Meta.key, Meta.value))}
 
     def get_meta(self, key: str) -> str | None:
         """One fact about the index, or None."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(select(Meta.value).where(Meta.key == key)).scalar_one_or_none()
 
     def set_meta(self, values: dict[str, str]) -> None:
         """Record facts about the index, in one transaction."""
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             for key, value in values.items():
                 self._set_meta(conn, key, value)
 
@@ -393,14 +289,14 @@ class MetadataStore:
             stmt = stmt.where(func.substr(ImageRow.path, 1, len(prefix)) == prefix)
         if path is not None:
             stmt = stmt.where(ImageRow.path == path)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return {r.path: FileState(r.id, r.size, r.mtime, r.content_hash) for r in conn.execute(stmt)}
 
     def encoded_by_hash(self, hashes: Iterable[str]) -> dict[str, Encoded]:
         """Stored encodings for any of these content hashes (renamed or duplicate files reuse them)."""
         wanted = list(set(hashes))
         found: dict[str, Encoded] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(wanted), _IN_CHUNK):
                 stmt = select(
                     ImageRow.content_hash,
@@ -426,7 +322,7 @@ class MetadataStore:
         prefilter_model, reranker_model = models
         removed: list[int] = list(batch.deletes)
         added: list[tuple[int, np.ndarray]] = []
-        with Session(self.engine) as session, session.begin():
+        with self._session() as session:
             if batch.deletes:
                 session.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes)))
             for item in batch.upserts:
@@ -470,7 +366,7 @@ class MetadataStore:
 
     def delete_images(self, ids: Sequence[int]) -> int:
         """Remove images by id; returns the new generation."""
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(delete(ImageRow).where(ImageRow.id.in_(list(ids))))
             return self._bump(conn, "images")
 
@@ -478,43 +374,60 @@ class MetadataStore:
         """Records of these ids that still exist."""
         if not len(ids):
             return {}
-        with Session(self.engine) as session:
+        with self._session() as session:
             rows = session.scalars(select(ImageRow).where(ImageRow.id.in_([int(i) for i in ids])))
             return {r.id: _image_record(r) for r in rows}
 
+    def image_page(self, offset: int, limit: int) -> list[ImageRecord]:
+        """Up to ``limit`` records in id order, from the ``offset``-th on (their vectors are not read)."""
+        stmt = (
+            select(ImageRow).options(defer(ImageRow.vector)).order_by(ImageRow.id).offset(offset).limit(limit)
+        )
+        with self._session() as session:
+            return [_image_record(r) for r in session.scalars(stmt)]
+
     def image_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Ids and prefilter vectors of every image, to rebuild the vector index."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(ImageRow.id, ImageRow.vector).order_by(ImageRow.id)).all()
         return _vectors([(r[0], r[1]) for r in rows], dim)
 
     def count_images(self) -> int:
         """Number of indexed images."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(conn.execute(select(func.count()).select_from(ImageRow)).scalar_one())
 
     def patch_rows_needed(self) -> int:
         """How many patch cache rows the rows reference: the end of the furthest extent (0 when empty)."""
         end = ImageRow.patch_offset + ImageRow.patch_tokens
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(conn.execute(select(func.coalesce(func.max(end), 0))).scalar_one())
 
     def images_beyond(self, rows: int) -> list[tuple[int, str]]:
         """(id, path) of every image whose tokens end past ``rows`` patch cache rows."""
         stmt = select(ImageRow.id, ImageRow.path).where(ImageRow.patch_offset + ImageRow.patch_tokens > rows)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [(int(r.id), str(r.path)) for r in conn.execute(stmt.order_by(ImageRow.id))]
 
-    def clear(self) -> None:
-        """Delete every image and caption (the facts stay), in one transaction."""
-        with self.engine.begin() as conn:
+    def clear_all(self, facts: dict[str, str]) -> None:
+        """Delete every image and caption, move both generations on and record ``facts``, in one
+        transaction (a deliberate rebuild): a crash leaves the old index or the emptied one, not a mix.
+
+        The generations move on rather than restart, so no FAISS file of the old index is taken for one
+        of the new.
+        """
+        with self._writing() as conn:
             for table in reversed(Base.metadata.sorted_tables):
                 if table.name != Meta.__tablename__:
                     conn.execute(table.delete())
+            for kind in ("images", "texts"):
+                self._bump(conn, kind)
+            for key, value in facts.items():
+                self._set_meta(conn, key, value)
 
     def patch_extents(self) -> list[tuple[int, int]]:
         """Distinct (offset, tokens) of patch cache entries still referenced by some row."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(ImageRow.patch_offset, ImageRow.patch_tokens).distinct()).all()
         return [(int(r[0]), int(r[1])) for r in rows]
 
@@ -531,7 +444,7 @@ class MetadataStore:
         last: dict[str, int] = {e: n for n, (e, _, _) in enumerate(items) if e is not None}
         items = [it for n, it in enumerate(items) if it[0] is None or last[it[0]] == n]
         ids: list[int] = []
-        with Session(self.engine) as session, session.begin():
+        with self._session() as session:
             for ext_id, caption, vector in items:
                 existing = None
                 if ext_id is not None:
@@ -557,7 +470,7 @@ class MetadataStore:
         """Captions of these ids that still exist."""
         if not len(ids):
             return {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(TextRow.id, TextRow.ext_id, TextRow.text).where(TextRow.id.in_([int(i) for i in ids]))
             )
@@ -565,13 +478,13 @@ class MetadataStore:
 
     def text_vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Ids and prefilter vectors of every caption."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(TextRow.id, TextRow.vector).order_by(TextRow.id)).all()
         return _vectors([(r[0], r[1]) for r in rows], dim)
 
     def count_texts(self) -> int:
         """Number of captions in the collection."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return int(conn.execute(select(func.count()).select_from(TextRow)).scalar_one())
 
     def list_texts(self, limit: int | None = None) -> list[TextRecord]:
@@ -579,14 +492,14 @@ class MetadataStore:
         stmt = select(TextRow.id, TextRow.ext_id, TextRow.text).order_by(TextRow.id)
         if limit is not None:
             stmt = stmt.limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [TextRecord(r.id, r.ext_id, r.text) for r in conn.execute(stmt)]
 
     def texts_by_ext_id(self, ext_ids: Iterable[str]) -> dict[str, str]:
         """ext_id → stored text, for those of ``ext_ids`` the collection holds."""
         wanted = list(set(ext_ids))
         found: dict[str, str] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(wanted), _IN_CHUNK):
                 stmt = select(TextRow.ext_id, TextRow.text).where(
                     TextRow.ext_id.in_(wanted[start : start + _IN_CHUNK])
@@ -602,7 +515,7 @@ class MetadataStore:
         """
         wanted = list(dict.fromkeys(keys))
         found: dict[str, int] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(wanted), _IN_CHUNK):
                 stmt = select(TextRow.ext_id, TextRow.id).where(
                     TextRow.ext_id.in_(wanted[start : start + _IN_CHUNK])
@@ -627,7 +540,7 @@ class MetadataStore:
         generation; returns the new generation and the ids that were deleted."""
         wanted = sorted({int(i) for i in ids})
         removed: list[int] = []
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             for start in range(0, len(wanted), _IN_CHUNK):
                 chunk = wanted[start : start + _IN_CHUNK]
                 present = conn.execute(select(TextRow.id).where(TextRow.id.in_(chunk))).scalars()
@@ -639,7 +552,7 @@ class MetadataStore:
     def clear_texts(self) -> tuple[int, np.ndarray]:
         """Delete every caption in one transaction, bumping the texts generation; returns the new generation
         and the ids that were deleted."""
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             removed = [int(i) for i in conn.execute(select(TextRow.id)).scalars()]
             conn.execute(delete(TextRow))
             gen = self._bump(conn, "texts")
@@ -647,7 +560,7 @@ class MetadataStore:
 
     def database_bytes(self) -> int | None:
         """Size of the database on disk, where the backend can tell."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             if self.backend == "postgresql":
                 return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
             if self.backend == "sqlite":

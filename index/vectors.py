@@ -20,10 +20,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-#: From this many vectors on, adding switches the index to IVF. A flat scan of 512-d float32 vectors
-#: costs about 0.15 ms per thousand vectors on one core (measured: 15 ms at 100k), some 150 ms at a
-#: million, against a rerank of a second or more on a CPU; below this an approximate index would
-#: trade recall for nothing.
+#: From this many vectors on, adding switches the index to IVF. Below it a flat scan costs a small
+#: share of a CPU rerank's time (docs/bench/hardware-choices.md), so an approximate index would trade
+#: recall for nothing.
 APPROX_MIN_VECTORS = 1_000_000
 #: IVF lists scanned per query, as a share of all lists (at least ``MIN_NPROBE``).
 NPROBE_SHARE = 1 / 16
@@ -49,6 +48,14 @@ class VectorIndex:
     def exact(self) -> bool:
         """False once the index is an IVF index."""
         return not isinstance(faiss.downcast_index(self._index), faiss.IndexIVF)
+
+    @property
+    def ivf_lists(self) -> tuple[int, int] | None:
+        """(lists, lists scanned per query) of the IVF index; None while the index is exact."""
+        inner = faiss.downcast_index(self._index)
+        if not isinstance(inner, faiss.IndexIVF):
+            return None
+        return int(inner.nlist), int(inner.nprobe)
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -119,7 +126,7 @@ def _to_ivf(flat: Any, dim: int) -> Any:
     nlist = max(1, int(math.sqrt(n)))
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     # k-means on 64 vectors per list (faiss samples 256) and 10 rounds: training then costs less than
-    # assigning every vector to its list (measured: 1-2 s for both at 100k vectors on one core).
+    # assigning every vector to its list (docs/bench/hardware-choices.md).
     ivf.cp.max_points_per_centroid = 64
     ivf.cp.niter = 10
     ivf.train(vectors)

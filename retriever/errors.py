@@ -1,4 +1,8 @@
-"""Typed exceptions. Library code raises these; the CLI and the API map them to exit codes and statuses."""
+"""Typed exceptions. SearchIndex code raises these; the CLI and the API map them to exit codes and statuses.
+
+A leaf module: it imports nothing from the project, so every layer (``retriever.index`` included) can raise
+these without importing anything above it.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,16 @@ class ImageDecodeError(RetrieverError):
     """A file could not be decoded as an image (corrupt, truncated, not an image, too large, unreadable)."""
 
 
-class EmptyQueryError(RetrieverError):
+class BadQueryError(RetrieverError):
+    """A search query that cannot be searched for; the CLI and the API refuse every kind alike."""
+
+
+class EmptyQueryError(BadQueryError):
     """A search was asked for with an empty query."""
+
+
+class QueryTooLongError(BadQueryError):
+    """A search was asked for with a query longer than the search accepts."""
 
 
 class IndexLockedError(RetrieverError):
@@ -31,8 +43,28 @@ class NotFoundError(RetrieverError):
     """An id or path is not in the index."""
 
 
-class SchemaError(RetrieverError):
-    """The index database has a schema this version cannot read or migrate."""
+class StoreError(RetrieverError):
+    """The index database failed; the subclasses say whether at opening or afterwards."""
+
+
+class SchemaError(StoreError):
+    """The index database cannot be opened: a bad URL, an unreachable or damaged database, or a schema this
+    version cannot read or migrate."""
+
+
+class DatabaseFailureError(StoreError):
+    """The database refused a read or write after it was opened (locked, full, damaged, unreachable).
+
+    ``reason`` is the driver's own first line, which the CLI and the API put into their own words.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"database error: {reason}")
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[DatabaseFailureError], tuple[str]]:
+        # Rebuilt from the reason, not the message (a worker process hands it back pickled).
+        return type(self), (self.reason,)
 
 
 class NoIndexError(RetrieverError):

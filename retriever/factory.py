@@ -1,4 +1,7 @@
-"""The one place that wires concrete classes together: models from hub ids or folders, and devices."""
+"""The one place that wires concrete classes together: models from hub ids or folders.
+
+How they run (device, precision, batch size) is ``retriever.hardware``'s decision.
+"""
 
 from __future__ import annotations
 
@@ -10,52 +13,22 @@ from typing import Any
 import torch
 
 from .encoders import ClipEncoder
-from .errors import ModelNotFoundError, RetrieverError
+from .errors import ModelNotFoundError
+from .hardware import plan_hardware
 from .presets import DEFAULT_PREFILTER, DEFAULT_RERANKER, PRESETS, SHAPES_DIR, model_name, preset
 from .rerank import ViltReranker
 
 __all__ = [
-    "DEFAULT_CANDIDATES_CPU",
-    "DEFAULT_CANDIDATES_GPU",
     "DEFAULT_PREFILTER",
     "DEFAULT_RERANKER",
     "PRESETS",
-    "RERANK_BATCH_CPU",
-    "RERANK_BATCH_GPU",
     "SHAPES_DIR",
-    "default_candidates",
     "fingerprint",
     "load_prefilter",
     "load_reranker",
     "model_name",
     "preset",
-    "rerank_batch_size",
-    "resolve_device",
 ]
-
-#: Rerank candidates by default: a ViLT-B/32 pair costs tens of ms on a 2-core CPU, a few ms on a GPU.
-DEFAULT_CANDIDATES_CPU = 20
-DEFAULT_CANDIDATES_GPU = 100
-#: Pairs per rerank forward pass: 16 fills a CPU's matmul units (measured best of 4-32 on 2 Sapphire
-#: Rapids cores); a GPU needs more rows than 16 x ~200 tokens to fill its SMs.
-RERANK_BATCH_CPU = 16
-RERANK_BATCH_GPU = 64
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when a GPU is visible, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RetrieverError("--device cuda was asked for, but torch sees no CUDA GPU")
-    if name not in ("cpu", "cuda"):
-        raise RetrieverError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def default_candidates(device: torch.device) -> int:
-    """How many prefilter candidates the rerank scores by default on this device."""
-    return DEFAULT_CANDIDATES_GPU if device.type == "cuda" else DEFAULT_CANDIDATES_CPU
 
 
 def fingerprint(model: Any) -> str:
@@ -113,22 +86,16 @@ def load_reranker(id_or_path: str, device: torch.device, precision: str = "auto"
     """A ``ViltForImageAndTextRetrieval`` checkpoint as the reranker.
 
     ``precision`` is ``auto`` (chosen from the device and, on a CPU, its features: see
-    ``retriever.perf.choose_precision``) or one of fp32, bf16, fp16, int8. On a CPU, torch gets at
-    most one intra-op thread per usable physical core.
+    ``retriever.hardware.choose_precision``) or one of fp32, bf16, fp16, int8; the batch size is the
+    device's (``retriever.hardware.plan_hardware``). Loading changes no process-wide state: threads and
+    malloc are the program's (``retriever.hardware.configure_process``).
     """
     from transformers import ViltForImageAndTextRetrieval, ViltProcessor
-
-    from .perf import choose_precision, configure_threads, read_cpu_info, usable_threads
 
     model, processor = _load(
         "reranker", id_or_path, (ViltForImageAndTextRetrieval, ViltProcessor), "--reranker"
     )
-    cpu = read_cpu_info() if device.type == "cpu" else None
-    choice = choose_precision(device, precision, hidden=int(model.config.hidden_size), cpu=cpu)
-    if cpu is not None:
-        # Never above what torch was started with: a deliberate OMP_NUM_THREADS (or a busy, shared
-        # machine's operator) wins; above the physical cores torch's default only oversubscribes.
-        configure_threads(min(torch.get_num_threads(), usable_threads(cpu)))
+    plan = plan_hardware(device, precision, hidden=int(model.config.hidden_size))
     return ViltReranker(
         model,
         processor,
@@ -136,12 +103,7 @@ def load_reranker(id_or_path: str, device: torch.device, precision: str = "auto"
         # Before the precision changes any weight: the fingerprint names the checkpoint, not how it runs.
         fingerprint=fingerprint(model),
         device=device,
-        batch_size=rerank_batch_size(device),
-        precision=choice.precision,
-        precision_reason=choice.reason,
+        batch_size=plan.batch_size,
+        precision=plan.precision,
+        precision_reason=plan.precision_reason,
     )
-
-
-def rerank_batch_size(device: torch.device) -> int:
-    """Pairs per ViLT forward pass on this device."""
-    return RERANK_BATCH_GPU if device.type == "cuda" else RERANK_BATCH_CPU

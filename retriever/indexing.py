@@ -16,7 +16,7 @@ import numpy as np
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, iter_image_files, read_and_decode
 from .index.store import Encoded, FileState, ImageBatch, NewImage
-from .library import Library, ModelInfo
+from .search_index import ModelInfo, SearchIndex
 
 if TYPE_CHECKING:  # the model types only: planning a run (plan_index) must not load torch
     from .encoders import DualEncoder
@@ -123,7 +123,7 @@ class IndexPlan:
 
 
 def plan_index(
-    library: Library,
+    search_index: SearchIndex,
     root: Path,
     *,
     within: Sequence[Path] | None = None,
@@ -143,9 +143,9 @@ def plan_index(
 
     files = list(iter_image_files(root, within=within, on_skip=skip, linked=plan.linked))
     if root.is_dir():
-        known = library.store.file_states(under=str(root))
+        known = search_index.store.file_states(under=str(root))
     else:
-        known = library.store.file_states(path=str(root))
+        known = search_index.store.file_states(path=str(root))
     for path in files:
         try:
             st = path.stat()
@@ -163,7 +163,7 @@ def plan_index(
 
 
 def index_folder(
-    library: Library,
+    search_index: SearchIndex,
     prefilter: DualEncoder,
     reranker: Reranker,
     root: Path,
@@ -194,13 +194,13 @@ def index_folder(
         if on_progress is not None:
             on_progress(Progress(0, 0, path, (path, reason)))
 
-    with library.writer():
+    with search_index.writer():
         if rebuild:
-            library.reset(info)
+            search_index.reset(info)
         else:
-            library.check_models(info, record=True)
-            report.repaired = len(library.drop_images_without_tokens())
-        plan = plan_index(library, root, within=within, on_skip=skip)
+            search_index.check_models(info, record=True)
+            report.repaired = len(search_index.drop_images_without_tokens())
+        plan = plan_index(search_index, root, within=within, on_skip=skip)
         report.unchanged = plan.unchanged
         pending, gone, linked = plan.pending, plan.gone, plan.linked
 
@@ -212,16 +212,16 @@ def index_folder(
                 known_hashes = set(encoded_here)
                 read = partial(_read, known_hashes=known_hashes, max_pixels=max_pixels, draft_size=draft_size)
                 reads = list(pool.map(read, chunk))
-                stored = library.store.encoded_by_hash(r.content_hash for r in reads if r.error is None)
+                stored = search_index.store.encoded_by_hash(r.content_hash for r in reads if r.error is None)
                 stored.update(encoded_here)
                 skipped_before = len(report.skipped)
-                batch = _encode_batch(library, prefilter, reranker, reads, stored, report)
+                batch = _encode_batch(search_index, prefilter, reranker, reads, stored, report)
                 skipped_now = dict(report.skipped[skipped_before:])
                 encoded_here.update(
                     {u.content_hash: u.encoded for u in batch.upserts if u.content_hash not in stored}
                 )
                 if batch.upserts:
-                    library.commit(batch, info)
+                    search_index.commit(batch, info)
                 for r in reads:
                     done += 1
                     if on_progress is not None:
@@ -229,16 +229,16 @@ def index_folder(
                         skipped = (name, skipped_now[name]) if name in skipped_now else None
                         on_progress(Progress(done, total, name, skipped))
         if gone:
-            library.commit(ImageBatch(deletes=gone), info)
+            search_index.commit(ImageBatch(deletes=gone), info)
             report.removed = len(gone)
-        library.save_vectors()
-        library.record_roots([root, *linked])
+        search_index.save_vectors()
+        search_index.record_roots([root, *linked])
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _encode_batch(
-    library: Library,
+    search_index: SearchIndex,
     prefilter: DualEncoder,
     reranker: Reranker,
     reads: Sequence[_Read],
@@ -269,7 +269,7 @@ def _encode_batch(
         for r, decoded in fresh:
             unique.setdefault(r.content_hash, decoded)
         encoded, failed = _encode_isolated(prefilter, reranker, unique)
-        extents = library.patches().append([tokens for _, tokens in encoded.values()]) if encoded else []
+        extents = search_index.patches().append([tokens for _, tokens in encoded.values()]) if encoded else []
         by_hash = {
             h: Encoded(np.asarray(vec), unique[h].width, unique[h].height, offset, n)
             for (h, (vec, _)), (offset, n) in zip(encoded.items(), extents, strict=True)

@@ -7,9 +7,10 @@ own ``visual_embed`` returns the same tokens in a random order (``torch.multinom
 transformer and the CLS pooling do not depend on the order of the image tokens, so the logits
 are the same. At search time only the transformer runs.
 
-How it runs is ``retriever.perf``'s business: the precision (bf16 on CPUs with native bf16, int8
-elsewhere, fp16 on CUDA, fp32 for small models), attention through SDPA, and batches cut where
-token counts jump so that little of each batch is padding.
+How it runs: the precision is ``retriever.hardware``'s choice (bf16 on CPUs with native bf16, int8
+elsewhere, fp16 on CUDA, fp32 for small models); ``retriever.vilt_fast`` prepares the model for it
+(attention through SDPA, fused or quantized layers); batches are cut here, where token counts jump,
+so that little of each batch is padding.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch.utils.dlpack
 from PIL import Image, ImageStat
 
 from .encoders import size_field
-from .perf import DTYPES, Precision, PreparedModel, prepare_vilt
+from .hardware import DTYPES, Precision
+from .vilt_fast import PreparedModel, prepare_vilt
 
 ProgressFn = Callable[[int, int], None]
 
@@ -158,13 +160,13 @@ class ViltReranker:
         max_padding: float = 0.1,
         fp32_residual: bool = False,
     ) -> None:
-        """Wrap ``model``, prepared in place (``retriever.perf.prepare_vilt``) for ``precision``.
+        """Wrap ``model``, prepared in place (``retriever.vilt_fast.prepare_vilt``) for ``precision``.
 
         Without ``precision``, ``dtype`` names it (float32, bfloat16, float16), as before precisions
         existed. ``sdpa`` swaps the attention for ``scaled_dot_product_attention``. ``batch_size``
         caps the pairs per forward pass; a batch also ends where adding the next pair would make
         more than ``max_padding`` of its tokens padding. ``fp32_residual`` keeps the residual stream
-        of a bf16 CPU model in fp32 (more accurate, slower; see ``retriever.perf.FusedViltLayer``).
+        of a bf16 CPU model in fp32 (more accurate, slower; see ``retriever.vilt_fast.FusedViltLayer``).
         """
         self.model = model.eval().to(device)
         self.processor = processor
@@ -276,7 +278,7 @@ class ViltReranker:
         pad_id = int(self.processor.tokenizer.pad_token_id or 0)
         input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
         text_mask = torch.zeros((n, t_len), dtype=torch.long)
-        # fp32 in every precision: the embeddings stay fp32 (see perf.prepare_vilt).
+        # fp32 in every precision: the embeddings stay fp32 (see vilt_fast.prepare_vilt).
         embeds = torch.empty((n, i_len, self.hidden), dtype=torch.float32)
         image_mask = torch.zeros((n, i_len), dtype=torch.long)
         for row, (ids, tokens) in enumerate(zip(text_ids, image_tokens, strict=True)):

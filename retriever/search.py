@@ -11,9 +11,9 @@ import numpy.typing as npt
 from PIL import Image
 
 from .encoders import DualEncoder
-from .errors import EmptyQueryError, IndexDamagedError, RetrieverError
-from .library import Library
+from .errors import EmptyQueryError, IndexDamagedError, QueryTooLongError, RetrieverError
 from .rerank import ProgressFn, Reranker
+from .search_index import SearchIndexReader
 
 MAX_QUERY_CHARS = 1000
 
@@ -69,7 +69,7 @@ def clean_query(text: str) -> str:
     if not query:
         raise EmptyQueryError("the query is empty: give some words to search for")
     if len(query) > MAX_QUERY_CHARS:
-        raise EmptyQueryError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS}")
+        raise QueryTooLongError(f"the query is {len(query)} characters long; the limit is {MAX_QUERY_CHARS}")
     return query
 
 
@@ -83,8 +83,10 @@ def _check_k(k: int, candidates: int) -> int:
     return max(candidates, k)
 
 
-def _prefilter(library: Library, kind: str, query: np.ndarray, n: int) -> list[tuple[int, float]]:
-    scores, ids = library.vectors(kind).search(query[None, :], n)
+def _prefilter(
+    search_index: SearchIndexReader, kind: str, query: np.ndarray, n: int
+) -> list[tuple[int, float]]:
+    scores, ids = search_index.vectors(kind).search(query[None, :], n)
     return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
 
@@ -93,7 +95,7 @@ def _rank(hits: list[Hit], k: int) -> list[Hit]:
 
 
 def search_text(
-    library: Library,
+    search_index: SearchIndexReader,
     prefilter: DualEncoder,
     reranker: Reranker | None,
     query: str,
@@ -110,14 +112,14 @@ def search_text(
     clock = _Clock()
     qvec = prefilter.encode_texts([query])[0]
     clock.lap("encode")
-    found = _prefilter(library, "images", qvec, candidates if reranker else k)
-    records = library.store.images([i for i, _ in found])
+    found = _prefilter(search_index, "images", qvec, candidates if reranker else k)
+    records = search_index.store.images([i for i, _ in found])
     hits = [Hit(i, s, s, path=records[i].path) for i, s in found if i in records]
     clock.lap("prefilter")
     if reranker is None or not hits:
         return SearchResult(query, _rank(hits, k), clock.timings)
     hits = hits[:candidates]
-    tokens = library.load_tokens([records[h.id] for h in hits])
+    tokens = search_index.load_tokens([records[h.id] for h in hits])
     clock.lap("load")
     logits = reranker.score_pairs([query], tokens, [(0, j) for j in range(len(hits))], on_progress)
     clock.lap("rerank")
@@ -146,22 +148,27 @@ def _reranked(hits: list[Hit], logits: np.ndarray, logit_scale: float) -> list[H
 
 
 def search_image(
-    library: Library, prefilter: DualEncoder, image: Image.Image, *, k: int = 10, label: str = ""
+    search_index: SearchIndexReader,
+    prefilter: DualEncoder,
+    image: Image.Image,
+    *,
+    k: int = 10,
+    label: str = "",
 ) -> SearchResult:
     """Image→image by prefilter similarity (ViLT has no image-image head)."""
     _check_k(k, 1)
     clock = _Clock()
     qvec = prefilter.encode_images([image])[0]
     clock.lap("encode")
-    found = _prefilter(library, "images", qvec, k)
-    records = library.store.images([i for i, _ in found])
+    found = _prefilter(search_index, "images", qvec, k)
+    records = search_index.store.images([i for i, _ in found])
     hits = [Hit(i, s, s, path=records[i].path) for i, s in found if i in records]
     clock.lap("prefilter")
     return SearchResult(label, _rank(hits, k), clock.timings)
 
 
 def search_image_texts(
-    library: Library,
+    search_index: SearchIndexReader,
     prefilter: DualEncoder,
     reranker: Reranker | None,
     image: Image.Image,
@@ -175,12 +182,12 @@ def search_image_texts(
     """Image→text over the caption collection: prefilter, then ViLT with the image's tokens computed once."""
     candidates = _check_k(k, candidates)
     clock = _Clock()
-    if library.store.count_texts() == 0:
+    if search_index.store.count_texts() == 0:
         raise RetrieverError("the caption collection is empty: add captions with `retriever texts add FILE`")
     qvec = prefilter.encode_images([image])[0]
     clock.lap("encode")
-    found = _prefilter(library, "texts", qvec, candidates if reranker else k)
-    records = library.store.texts([i for i, _ in found])
+    found = _prefilter(search_index, "texts", qvec, candidates if reranker else k)
+    records = search_index.store.texts([i for i, _ in found])
     hits = [Hit(i, s, s, text=records[i].text, ext_id=records[i].ext_id) for i, s in found if i in records]
     clock.lap("prefilter")
     if reranker is None or not hits:

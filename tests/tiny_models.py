@@ -31,10 +31,14 @@ transformers 5 notes:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from retriever.training.tokenizers import CLIP_BOS, CLIP_EOS, clip_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import BertTokenizer, CLIPTokenizer
 
 __all__ = [
     "CLIP_BOS",
@@ -91,9 +95,10 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_clip_tokenizer():
+def make_clip_tokenizer() -> CLIPTokenizer:
     """A small CLIP byte-level BPE tokenizer (``transformers.CLIPTokenizer``) over the test corpus."""
-    return clip_tokenizer(_corpus(), _CLIP_MERGES)
+    tok: CLIPTokenizer = clip_tokenizer(_corpus(), _CLIP_MERGES)
+    return tok
 
 
 def make_tiny_clip(out_dir: Path, *, seed: int = 0, projection_dim: int = 32, image_size: int = 32) -> Path:
@@ -104,7 +109,7 @@ def make_tiny_clip(out_dir: Path, *, seed: int = 0, projection_dim: int = 32, im
     8 but is of 16), ``image_size`` square input. The image processor resizes the shortest edge to
     ``image_size`` and centre-crops ``image_size`` x ``image_size``.
     """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,16 +144,17 @@ def make_tiny_clip(out_dir: Path, *, seed: int = 0, projection_dim: int = 32, im
         "projection_dim": projection_dim,
     }
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+    assert isinstance(config.text_config, CLIPTextConfig)
     assert config.text_config.eos_token_id == tokenizer.eos_token_id != 2
 
     torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
+    model = CLIPModel(config).eval()  # type: ignore[no-untyped-call]
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
@@ -171,14 +177,14 @@ def _vilt_vocab() -> list[str]:
     return out
 
 
-def make_vilt_tokenizer(vocab_path: Path):
+def make_vilt_tokenizer(vocab_path: Path) -> BertTokenizer:
     """Write a small WordPiece ``vocab.txt`` to ``vocab_path`` and return a BertTokenizer over it."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # an alias the stubs lack
 
     vocab_path = Path(vocab_path)
     vocab_path.write_text("\n".join(_vilt_vocab()) + "\n", encoding="utf-8")
     # transformers 5: ``vocab_file=`` is ignored by the constructor; ``vocab=`` takes the path.
-    tok = BertTokenizerFast(vocab=str(vocab_path), do_lower_case=True, model_max_length=40)
+    tok: BertTokenizer = BertTokenizerFast(vocab=str(vocab_path), do_lower_case=True, model_max_length=40)
     assert len(tok) == len(_vilt_vocab()) and tok.pad_token_id == 0
     return tok
 
@@ -215,15 +221,16 @@ def make_tiny_vilt(out_dir: Path, *, seed: int = 0, shortest_edge: int = 128) ->
     )
 
     torch.manual_seed(seed)
-    model = ViltForImageAndTextRetrieval(config).eval()
+    model = ViltForImageAndTextRetrieval(config).eval()  # type: ignore[no-untyped-call]
     emb = model.vilt.embeddings
     with torch.no_grad():
         # Zero-initialised upstream; give patches a position so orders/positions are distinguishable.
         emb.cls_token.normal_(mean=0.0, std=0.02)
         emb.position_embeddings.normal_(mean=0.0, std=0.02)
 
-    image_processor = ViltImageProcessor(size={"shortest_edge": shortest_edge}, size_divisor=32)
-    processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # size_divisor is accepted as a processor kwarg; the stub lists only the named parameters.
+    image_processor = ViltImageProcessor(size={"shortest_edge": shortest_edge}, size_divisor=32)  # type: ignore[call-arg]
+    processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

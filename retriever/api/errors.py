@@ -1,4 +1,4 @@
-"""Errors as HTTP answers: library exceptions mapped to statuses, every body ``{"detail": str}``."""
+"""Errors as HTTP answers: project exceptions mapped to statuses, every body ``{"detail": str}``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DatabaseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever.errors import (
-    EmptyQueryError,
+    BadQueryError,
+    DatabaseFailureError,
     ImageDecodeError,
     IndexDamagedError,
     IndexLockedError,
@@ -21,7 +21,6 @@ from retriever.errors import (
     NotFoundError,
     RetrieverError,
 )
-from retriever.index.store import database_reason
 
 from .schemas import ErrorResponse
 
@@ -32,9 +31,9 @@ class OutsideRootsError(RetrieverError):
     """A path the server was asked to index lies outside the folders it may index (or none are set)."""
 
 
-#: Status of each library error; the first matching class in this order wins, RetrieverError last.
+#: Status of each project error; the first matching class in this order wins, RetrieverError last.
 STATUS_OF: tuple[tuple[type[RetrieverError], int], ...] = (
-    (EmptyQueryError, 422),
+    (BadQueryError, 422),
     (ImageDecodeError, 422),
     (OutsideRootsError, 403),
     (NotFoundError, 404),
@@ -42,6 +41,7 @@ STATUS_OF: tuple[tuple[type[RetrieverError], int], ...] = (
     (ModelMismatchError, 409),
     (IndexDamagedError, 503),
     (IndexMismatchError, 503),
+    (DatabaseFailureError, 503),
     (RetrieverError, 400),
 )
 
@@ -65,7 +65,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def status_of(exc: RetrieverError) -> int:
-    """The HTTP status a library error maps to."""
+    """The HTTP status a project error maps to."""
     return next(code for cls, code in STATUS_OF if isinstance(exc, cls))
 
 
@@ -99,8 +99,10 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DatabaseError)
-    reason = database_reason(exc)
+    # Looked up before the RetrieverError handler (the most specific class wins): a failing database is
+    # the operator's to fix, and the client's to retry, so it says so and comes with Retry-After.
+    assert isinstance(exc, DatabaseFailureError)
+    reason = exc.reason
     log.error("database error: %s", reason)
     return _json(503, f"the database is unavailable ({reason}); try again later", {"Retry-After": "10"})
 
@@ -119,5 +121,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RetrieverError, _retriever_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(DatabaseError, _database_error)
+    app.add_exception_handler(DatabaseFailureError, _database_error)
     app.add_exception_handler(OSError, _os_error)

@@ -21,13 +21,13 @@ from PIL import Image
 from retriever.encoders import DualEncoder
 from retriever.errors import IndexLockedError, RetrieverError
 from retriever.indexing import IndexReport, Progress, index_folder, model_info
-from retriever.library import Library
 from retriever.rerank import Reranker
+from retriever.search_index import SearchIndex
 
 from .batching import MicroBatcher
 from .jobs import Job, JobQueue
 from .settings import Settings
-from .snapshots import SnapshotLibrary
+from .snapshots import IndexSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,12 @@ class Runtime:
 
     def __init__(self, settings: Settings, loader: ModelLoader) -> None:
         self.settings = settings
-        self.reader = SnapshotLibrary(settings.index_dir, settings.db_url)
+        # The writer first: it creates a missing index, which the read-only snapshot then opens.
+        self.writer = SearchIndex(settings.index_dir, settings.db_url)
         try:
-            self.writer = Library(settings.index_dir, settings.db_url)
+            self.reader = IndexSnapshot(settings.index_dir, settings.db_url)
         except BaseException:
-            self.reader.close()
+            self.writer.close()
             raise
         self.loading: list[ModelName] = ["prefilter", "reranker"]
         self.load_error: str | None = None
@@ -145,15 +146,13 @@ class Runtime:
         return self._models
 
     def _load(self) -> None:
-        from retriever.factory import (
-            DEFAULT_PREFILTER,
-            DEFAULT_RERANKER,
-            default_candidates,
-            resolve_device,
-        )
+        from retriever.factory import DEFAULT_PREFILTER, DEFAULT_RERANKER
+        from retriever.hardware import MERGED_RERANK_PAIRS, plan_hardware
 
         try:
-            device = resolve_device(self.settings.device)
+            # Only decisions here: the process-wide settings are the program's (``retriever serve``).
+            plan = plan_hardware(self.settings.device)
+            device = plan.device
             recorded = self.reader.models()
             # Explicit choices first, then the models the index was built with, then the defaults.
             pre_id = self.settings.prefilter or (recorded.prefilter if recorded else DEFAULT_PREFILTER)
@@ -162,13 +161,13 @@ class Runtime:
             self.loading.remove("prefilter")
             reranker = self._loader.load_reranker(re_id, device)
             self.loading.remove("reranker")
-            self.reader.check_models(model_info(prefilter, reranker), record=False)
+            self.reader.check_models(model_info(prefilter, reranker))
             batcher = MicroBatcher(
                 reranker,
-                max_pairs=self.settings.rerank_batch_pairs,
+                max_pairs=self.settings.rerank_batch_pairs or MERGED_RERANK_PAIRS,
                 max_wait_s=self.settings.rerank_batch_wait_s,
             )
-            self._models = Models(prefilter, reranker, batcher, device, default_candidates(device))
+            self._models = Models(prefilter, reranker, batcher, device, plan.candidates)
             if self._closed:  # shut down while loading
                 batcher.close()
         except Exception as exc:
@@ -184,7 +183,7 @@ class Runtime:
     # -- writing ----------------------------------------------------------------------------------
 
     @contextmanager
-    def writing(self, wait_s: float = WRITE_WAIT_S) -> Iterator[Library]:
+    def writing(self, wait_s: float = WRITE_WAIT_S) -> Iterator[SearchIndex]:
         """Hold the index for writing: no other writer in this server, nor in another process."""
         if not self._write_lock.acquire(timeout=wait_s):
             raise IndexLockedError("an index job is writing to the index; try again when it is done")

@@ -67,7 +67,8 @@ class Settings:
     ``allowed_hosts`` are the names a request's Host header may give (any port; ``*`` any name, ``*.domain``
     its subdomains): others are refused, so that a page on another site cannot read the API through a
     DNS name rebound to this server. The rerank batching knobs say how many (text, image) pairs one merged
-    forward pass may hold and how long the batcher waits for more requests.
+    forward pass may hold (None: ``retriever.hardware``'s choice) and how long the batcher waits for more
+    requests. ``device`` is a name ``retriever.hardware.resolve_device`` takes; the runtime resolves it.
     """
 
     index_dir: Path
@@ -80,13 +81,13 @@ class Settings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
-    rerank_batch_pairs: int = 64
+    rerank_batch_pairs: int | None = None
     rerank_batch_wait_s: float = 0.005
     retry_after_s: int = 5
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_upload_pixels", "rerank_batch_pairs", "retry_after_s"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rerank_batch_wait_s < 0:
             raise ValueError(f"rerank_batch_wait_s must not be negative, got {self.rerank_batch_wait_s}")

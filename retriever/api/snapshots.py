@@ -1,11 +1,12 @@
 """The index as searches see it: immutable FAISS snapshots swapped whole, a thread-safe patch cache.
 
-The server writes through one ``Library`` (index jobs, deletes, captions) and reads through a
-``SnapshotLibrary``. The writer changes its FAISS index in place, batch by batch; a search must never see
-half of such a change, so readers never touch the writer's index. A reader builds its own index for a
-database generation and never changes it afterwards; when the generation moves on, a new index replaces
-the old one, and a search that still holds the old one finishes on it undisturbed. Ids that a snapshot
-still holds but the database no longer does are dropped by the searches (they look every hit up).
+The server writes through one ``SearchIndex`` (index jobs, deletes, captions) and reads through a
+``IndexSnapshot``, a ``SearchIndexReader`` with no write to call. The writer changes its FAISS index in
+place, batch by batch; a search must never see half of such a change, so readers never touch the writer's
+index. A reader builds its own index for a database generation and never changes it afterwards; when the
+generation moves on, a new index replaces the old one, and a search that still holds the old one finishes
+on it undisturbed. Ids that a snapshot still holds but the database no longer does are dropped by the
+searches (they look every hit up).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from retriever.errors import RetrieverError
 from retriever.index.patches import PatchCache
 from retriever.index.vectors import VectorIndex, generation_path, load_generation
-from retriever.library import Library
+from retriever.search_index import SearchIndexReader
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,15 @@ class _SharedPatchCache(PatchCache):
             return super().load(extents)
 
 
-class SnapshotLibrary(Library):
+class IndexSnapshot(SearchIndexReader):
     """A read-only view of an index for concurrent searches (see the module docstring).
 
     A generation whose FAISS file the writer has saved is loaded from it. A generation without one means
     a writer is between batches: the index is rebuilt from the database's vectors, but at most once per
     ``min_refresh_s`` (or ten times the last rebuild's duration, if longer), serving the previous snapshot
     meanwhile, so a long index run does not turn every search into a rebuild.
+
+    It opens an existing index only (``NoIndexError`` otherwise): the server's writer creates it first.
     """
 
     def __init__(self, home: Path, db_url: str | None = None, *, min_refresh_s: float = 1.0) -> None:
@@ -86,13 +89,7 @@ class SnapshotLibrary(Library):
             started = time.monotonic()
             index = load_generation(self.home, kind, generation, info.dim)
             if index is None:
-                index = VectorIndex(info.dim)
-                ids, vecs = (
-                    self.store.image_vectors(info.dim)
-                    if kind == "images"
-                    else self.store.text_vectors(info.dim)
-                )
-                index.add(ids, vecs)
+                index = self._rebuild_vectors(kind, info.dim)
             now = time.monotonic()
             pause = max(self.min_refresh_s, 10 * (now - started))
             self._snapshots[kind] = _Snapshot(generation, index, now + pause)

@@ -19,6 +19,7 @@ import torch
 
 from ..datasets.karpathy import load_karpathy
 from ..errors import RetrieverError
+from ..hardware import training_autocast
 from .build import SmallConfig, new_prefilter, new_reranker
 from .data import load_train_data
 from .loop import LoopConfig, RerankSampling, StepFn, prefilter_embeddings, train_prefilter, train_reranker
@@ -46,27 +47,6 @@ class TrainRequest:
     seed: int = 0
     device: str = "cpu"
     precision: str = "auto"  # auto | fp32 | bf16
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs bf16 matmuls natively, else fp32 (None)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    capability = torch.backends.cpu.get_cpu_capability()
-    # AVX512 builds include AVX512-BF16/AMX paths on the CPUs that have them; AVX2 emulates bf16 slowly.
-    return torch.bfloat16 if capability.startswith("AVX512") and _cpu_has_native_bf16() else None
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _raw_entries(dataset: Path, split: str) -> list[dict[str, Any]]:
@@ -106,7 +86,8 @@ def train(
     started = time.perf_counter()
     say = on_status or (lambda _m: None)
     device = torch.device(req.device)
-    dtype = autocast_dtype(device, req.precision)
+    # bf16 autocast where the hardware multiplies bf16 natively (the rerank's rule), else fp32.
+    dtype = training_autocast(device, req.precision)
     work = req.out / "state"
     work.mkdir(parents=True, exist_ok=True)
     if not req.dataset.exists():

@@ -23,8 +23,8 @@ from retriever.api.app import create_app
 from retriever.api.settings import LOOPBACK_HOSTS, Settings
 from retriever.encoders import DualEncoder
 from retriever.indexing import index_folder
-from retriever.library import Library
 from retriever.rerank import ProgressFn, Reranker
+from retriever.search_index import SearchIndex
 from tests.conftest import write_images
 
 API_KEY = "s3cret-key"
@@ -103,13 +103,13 @@ def indexed(tmp_path: Path, db_url: str, photos: Path, tiny_models: tuple[Any, A
     """An index dir over ``photos`` and two captions, on the ``db_url`` backend."""
     pre, rer = tiny_models
     home = tmp_path / "index"
-    library = Library(home, db_url)
+    search_index = SearchIndex(home, db_url)
     try:
-        index_folder(library, pre, rer, photos)
+        index_folder(search_index, pre, rer, photos)
         vectors = pre.encode_texts(["a red square", "a blue circle"])
-        library.commit_texts([("c1", "a red square", vectors[0]), ("c2", "a blue circle", vectors[1])])
+        search_index.commit_texts([("c1", "a red square", vectors[0]), ("c2", "a blue circle", vectors[1])])
     finally:
-        library.close()
+        search_index.close()
     return home
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from retriever.captions import caption_id
 from retriever.errors import ModelNotFoundError
-from retriever.library import Library
 from retriever.search import search_text
+from retriever.search_index import SearchIndex
 from tests.api.conftest import API_KEY, AppFactory, GatedLoader, png_bytes, wait_job, wait_loaded, wait_ready
 from tests.conftest import write_images
 
@@ -39,12 +39,12 @@ def test_health_status_page_and_openapi(indexed: Path, make_client: AppFactory, 
         "error": None,
     }
     status = client.get("/v1/status").json()
-    library = Library(indexed, db_url)
+    search_index = SearchIndex(indexed, db_url)
     try:
-        expected = library.status()
+        expected = search_index.status()
     finally:
-        library.close()
-    # Without the API key the paths are hidden (tests/api/test_security.py); the rest is the library's.
+        search_index.close()
+    # Without the API key the paths are hidden (tests/api/test_security.py); the rest is the engine's.
     assert set(status) <= set(expected)
     assert status == {k: expected[k] for k in status} | {"index_dir": None, "database": None}
     page = client.get("/")
@@ -67,11 +67,11 @@ def test_text_search_matches_the_library_search(
     assert [h["rank"] for h in body["data"]] == [1, 2, 3]
     assert {"encode", "prefilter", "rerank", "total"} <= set(body["seconds"])
     pre, rer = tiny_models
-    library = Library(indexed, db_url)
+    search_index = SearchIndex(indexed, db_url)
     try:
-        reference = search_text(library, pre, rer, "a red square", k=3, candidates=5)
+        reference = search_text(search_index, pre, rer, "a red square", k=3, candidates=5)
     finally:
-        library.close()
+        search_index.close()
     assert [h["id"] for h in body["data"]] == [h.id for h in reference.hits]
     for got, want in zip(body["data"], reference.hits, strict=True):
         assert got["score"] == pytest.approx(want.score, abs=1e-4)
@@ -316,7 +316,7 @@ def test_writers_from_another_process_are_respected(
     indexed: Path, make_client: AppFactory, db_url: str
 ) -> None:
     client = make_client()
-    other = Library(indexed, db_url)
+    other = SearchIndex(indexed, db_url)
     try:
         # flock locks belong to an open file, so this behaves as another process holding the lock.
         with other.writer():

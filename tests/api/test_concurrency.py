@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from retriever.library import Library
 from retriever.search import search_text
+from retriever.search_index import SearchIndex
 from tests.api.conftest import AppFactory, GatedLoader, wait_job
 from tests.conftest import write_images
 
@@ -88,15 +88,15 @@ def test_concurrent_searches_share_rerank_batches(
     assert loader.reranker.calls - before < len(queries)
 
     pre, rer = tiny_models
-    library = Library(indexed, db_url)
+    search_index = SearchIndex(indexed, db_url)
     try:
         for q, body in zip(queries, bodies, strict=True):
-            alone = search_text(library, pre, rer, q, k=4, candidates=6)
+            alone = search_text(search_index, pre, rer, q, k=4, candidates=6)
             assert [h["id"] for h in body["data"]] == [h.id for h in alone.hits]
             for got, want in zip(body["data"], alone.hits, strict=True):
                 assert got["score"] == pytest.approx(want.score, abs=1e-4)
     finally:
-        library.close()
+        search_index.close()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

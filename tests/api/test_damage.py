@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from retriever.indexing import index_folder
-from retriever.library import Library
 from retriever.search import search_text
+from retriever.search_index import SearchIndex
 from tests.api.conftest import AppFactory
 from tests.conftest import write_images
 
@@ -50,12 +50,12 @@ def test_a_running_server_follows_a_rebuild_by_another_process(
 ) -> None:
     pre, rer = tiny_models
     client = make_client()
-    params = {"q": "a red square", "k": 5, "candidates": 5}
+    params: dict[str, str | int] = {"q": "a red square", "k": 5, "candidates": 5}
     assert client.get("/v1/search", params=params).status_code == 200
     other = tmp_path / "other"
     write_images(other, 5, start_seed=300)
 
-    cli = Library(indexed, db_url)  # `retriever index other --rebuild` in another process
+    cli = SearchIndex(indexed, db_url)  # `retriever index other --rebuild` in another process
     index_folder(cli, pre, rer, other, rebuild=True)
     expected = search_text(cli, pre, rer, "a red square", k=5, candidates=5).hits
     cli.close()
@@ -63,3 +63,22 @@ def test_a_running_server_follows_a_rebuild_by_another_process(
     served = client.get("/v1/search", params=params).json()["data"]
     assert [h["id"] for h in served] == [h.id for h in expected]
     assert [h["rerank_score"] for h in served] == pytest.approx([h.rerank_score for h in expected], abs=1e-4)
+
+
+def test_a_database_failing_mid_request_answers_503_with_retry_after(
+    db_url: str, indexed: Path, make_client: AppFactory
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    from retriever.index.database import normalize_url
+
+    client = make_client()
+    engine = create_engine(normalize_url(db_url))
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE texts"))
+    engine.dispose()
+
+    answer = client.get("/health")
+
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "10"
+    assert answer.json()["detail"].startswith("the database is unavailable (")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
 
 from tests.api.conftest import API_KEY, AppFactory, wait_job
 from tests.conftest import write_images
@@ -22,7 +25,7 @@ def _escape_tree(tmp_path: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-def _index(client, path: str) -> dict:  # type: ignore[no-untyped-def]
+def _index(client: TestClient, path: str) -> dict[str, Any]:
     answer = client.post("/v1/index", json={"path": path}, headers=KEY)
     assert answer.status_code == 202, answer.text
     job = wait_job(client, answer.json()["id"])

@@ -119,22 +119,22 @@ def browser_index(
     browser_ready: None, tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Any, Any]
 ) -> BrowserIndex:
     from retriever.indexing import index_folder, model_info
-    from retriever.library import Library
+    from retriever.search_index import SearchIndex
 
     prefilter, reranker = tiny_models
     root = tmp_path_factory.mktemp("browser-index")
     photos = write_images(root / "photos", N_IMAGES)
     home = root / "index"
-    library = Library(home)
+    search_index = SearchIndex(home)
     try:
-        report = index_folder(library, prefilter, reranker, root / "photos")
+        report = index_folder(search_index, prefilter, reranker, root / "photos")
         assert report.added == N_IMAGES, report.as_dict()
-        with library.writer():
-            library.check_models(model_info(prefilter, reranker), record=True)
+        with search_index.writer():
+            search_index.check_models(model_info(prefilter, reranker), record=True)
             vectors = prefilter.encode_texts(list(CAPTIONS))
-            library.commit_texts([(None, t, v) for t, v in zip(CAPTIONS, vectors, strict=True)])
+            search_index.commit_texts([(None, t, v) for t, v in zip(CAPTIONS, vectors, strict=True)])
     finally:
-        library.close()
+        search_index.close()
     return BrowserIndex(home, photos)
 
 

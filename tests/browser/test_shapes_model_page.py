@@ -26,7 +26,7 @@ def shapes_site(
     from retriever.datasets.shapes import generate
     from retriever.factory import load_prefilter, load_reranker, preset
     from retriever.indexing import index_folder
-    from retriever.library import Library
+    from retriever.search_index import SearchIndex
 
     pre_dir, re_dir = preset("shapes")
     root = tmp_path_factory.mktemp("shapes-site")
@@ -34,15 +34,15 @@ def shapes_site(
     entries = json.loads(dataset.read_text())["images"]
     # A scene without a twin in the folder: its caption names objects no other image has together.
     target = next(e for e in entries if e.get("twin_role") == "single")
-    library = Library(root / "index")
+    search_index = SearchIndex(root / "index")
     cpu = torch.device("cpu")
     try:
         report = index_folder(
-            library, load_prefilter(pre_dir, cpu), load_reranker(re_dir, cpu), root / "photos"
+            search_index, load_prefilter(pre_dir, cpu), load_reranker(re_dir, cpu), root / "photos"
         )
         assert report.added == 12, report.as_dict()
     finally:
-        library.close()
+        search_index.close()
     live = start_server(Settings(index_dir=root / "index", device="cpu"))
     try:
         wait_healthy(live)

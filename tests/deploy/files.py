@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,68 +184,6 @@ class DockerIgnore:
 
 def dockerignore() -> DockerIgnore:
     return DockerIgnore(DOCKERIGNORE.read_text() if DOCKERIGNORE.exists() else "")
-
-
-# -- build context ----------------------------------------------------------------------------------
-
-
-def _copy_entry(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_symlink():
-        os.symlink(os.readlink(src), dest)  # COPY keeps links inside a copied folder as links
-    else:
-        shutil.copy2(src, dest)
-
-
-def apply_copies(instructions: list[Instruction], context: Path, image_root: Path) -> str:
-    """Carry out the final stage's COPY instructions from ``context`` into ``image_root`` the way
-    Docker does: .dockerignore'd paths are not in the context, folders are copied by their contents,
-    links stay links, a wildcard that matches nothing is allowed. Returns the WORKDIR in effect at
-    the last COPY (an absolute path in the image)."""
-    ignore = dockerignore()
-    workdir = copy_workdir = "/"
-    for ins in final_stage(instructions):
-        if ins.keyword == "WORKDIR":
-            workdir = os.path.normpath(os.path.join(workdir, ins.rest.strip()))
-            continue
-        if ins.keyword not in ("COPY", "ADD") or "from" in ins.flags:
-            continue
-        *sources, dest = ins.words()
-        copy_workdir = workdir
-        dest_abs = os.path.normpath(os.path.join(workdir, dest))
-        target_dir = image_root / dest_abs.lstrip("/")
-        for source in sources:
-            pattern = source.rstrip("/") or "."
-            if any(ch in pattern for ch in "*?["):
-                matches = sorted(
-                    p for p in context.glob(pattern) if not ignore.excluded(str(p.relative_to(context)))
-                )
-            else:
-                path = context / pattern
-                assert path.exists() or path.is_symlink(), (
-                    f"COPY source {source!r} is not in the build context"
-                )
-                assert not ignore.excluded(pattern), f"COPY source {source!r} is left out by .dockerignore"
-                matches = [path]
-            for match in matches:
-                if match.is_dir() and not match.is_symlink():
-                    for dirpath, dirnames, filenames in os.walk(match):
-                        for name in dirnames + filenames:
-                            item = Path(dirpath) / name
-                            rel = item.relative_to(context)
-                            if ignore.excluded(str(rel)) or (item.is_dir() and not item.is_symlink()):
-                                continue
-                            _copy_entry(item, target_dir / item.relative_to(match))
-                        dirnames[:] = [
-                            d
-                            for d in dirnames
-                            if not (Path(dirpath) / d).is_symlink()
-                            and not ignore.excluded(str((Path(dirpath) / d).relative_to(context)))
-                        ]
-                else:
-                    into_dir = dest.endswith("/") or len(sources) > 1 or len(matches) > 1
-                    _copy_entry(match, target_dir / match.name if into_dir else target_dir)
-    return copy_workdir
 
 
 # -- compose ----------------------------------------------------------------------------------------

@@ -1,23 +1,17 @@
 """The Dockerfile, read without a Docker engine: base image, user, port, health check, command, the
-torch pin, and a build context that really builds the package (the retriever/index and retriever/cli
-links included)."""
+torch pin, and COPY lines that carry every folder the package builds from."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import subprocess
-import sys
 import tomllib
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from tests.deploy.files import (
     PYPROJECT,
     ROOT,
-    apply_copies,
     build_args,
     dockerfile,
     dockerignore,
@@ -25,6 +19,7 @@ from tests.deploy.files import (
     final_stage,
     serve_command_options,
 )
+from tests.lint import build_wheel, package_dirs
 
 
 def _only(keyword: str) -> list[str]:
@@ -129,46 +124,41 @@ def test_gpu_build_arg_installs_the_gpu_extra() -> None:
     assert "gpu" in extras, "pyproject.toml has no gpu extra"
 
 
-def test_copies_the_package_folders_and_their_link_targets() -> None:
+def _copy_sources() -> set[str]:
     stage = final_stage(dockerfile())
-    sources = {w.rstrip("/") for ins in stage if ins.keyword == "COPY" for w in ins.words()[:-1]}
-    for needed in ("pyproject.toml", "retriever", "index", "cli"):
-        assert needed in sources, f"the Dockerfile does not COPY {needed}"
-    for link, target in (("retriever/index", "../index"), ("retriever/cli", "../cli")):
-        path = ROOT / link
-        assert path.is_symlink() and Path(path.readlink()).as_posix() == target, (
-            f"{link} is expected to be a link to {target}; update the Dockerfile if that changed"
-        )
+    return {w.rstrip("/") for ins in stage if ins.keyword in ("COPY", "ADD") for w in ins.words()[:-1]}
+
+
+def test_copies_every_folder_the_build_reads() -> None:
+    # The build reads pyproject.toml, the README it names, retriever/ and each folder pyproject maps
+    # to a package (index/ and cli/): each must be copied, as a plain folder, past .dockerignore.
+    sources = _copy_sources()
+    needed = {"pyproject.toml", "retriever", *package_dirs().values()}
+    assert needed <= sources, f"the Dockerfile does not COPY {sorted(needed - sources)}"
+    assert any(s.startswith("README") for s in sources), "the Dockerfile does not COPY the README"
     ignore = dockerignore()
-    for needed in ("pyproject.toml", "retriever/search.py", "index/store.py", "cli/app.py"):
-        assert not ignore.excluded(needed), f".dockerignore leaves out {needed}"
+    for needed_file in ("pyproject.toml", "retriever/search.py", "index/store.py", "cli/app.py"):
+        assert not ignore.excluded(needed_file), f".dockerignore leaves out {needed_file}"
     for secret in (".env", ".git/config", ".venv/bin/python", "tests/conftest.py"):
         assert ignore.excluded(secret), f".dockerignore should leave out {secret}"
 
 
+def test_copied_folders_hold_no_links() -> None:
+    for source in _copy_sources():
+        path = ROOT / source
+        if "*" in source or not path.exists():
+            continue
+        found = [str(p.relative_to(ROOT)) for p in [path, *path.rglob("*")] if p.is_symlink()]
+        assert not found, f"links in what the image copies: {found}"
+
+
 @pytest.fixture(scope="module")
 def context_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
-    """The wheel pip builds from exactly what the Dockerfile's COPY lines put in the image."""
-    image = tmp_path_factory.mktemp("image")
-    workdir = apply_copies(dockerfile(), ROOT, image)
-    src = image / workdir.lstrip("/")
-    assert (src / "pyproject.toml").is_file(), f"pyproject.toml is not copied into WORKDIR {workdir}"
-    out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "-q", "-w", str(out), str(src)]
-    if importlib.util.find_spec("setuptools") is not None:
-        cmd.insert(4, "--no-build-isolation")  # the venv's setuptools: no download needed
-    else:
-        cmd.remove("--no-index")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, (
-        f"pip wheel failed on the image's copy of the sources:\n{proc.stderr[-3000:]}"
-    )
-    wheels = list(out.glob("retriever-*.whl"))
-    assert len(wheels) == 1, wheels
-    return zipfile.ZipFile(wheels[0])
+    """The wheel pip builds from the checkout's files: what the copied folders hold."""
+    return zipfile.ZipFile(build_wheel(tmp_path_factory.mktemp("wheel")))
 
 
-def test_image_sources_build_a_wheel_with_the_linked_packages(context_wheel: zipfile.ZipFile) -> None:
+def test_image_sources_build_a_wheel_with_the_mapped_packages(context_wheel: zipfile.ZipFile) -> None:
     names = set(context_wheel.namelist())
     for needed in ("retriever/index/store.py", "retriever/cli/app.py", "retriever/search.py"):
         assert needed in names, f"{needed} is missing from the wheel built from the image's sources"

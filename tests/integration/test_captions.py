@@ -1,6 +1,6 @@
 """The caption collection: idempotent adds, listing, removing and clearing, in the store and through the CLI.
 
-The store and library cases run on both backends (``db_url``: SQLite and the PostgreSQL server); the CLI
+The store and index cases run on both backends (``db_url``: SQLite and the PostgreSQL server); the CLI
 cases run the real command as a subprocess with the tiny models.
 """
 
@@ -19,7 +19,7 @@ from retriever.captions import caption_id, read_captions
 from retriever.errors import IndexLockedError, NotFoundError, RetrieverError
 from retriever.index.store import MetadataStore
 from retriever.index.vectors import generation_path
-from retriever.library import Library, ModelInfo
+from retriever.search_index import ModelInfo, SearchIndex
 from tests.conftest import write_images
 from tests.integration.test_cli import run
 
@@ -114,23 +114,23 @@ def test_store_deletes_many_texts_in_one_go(store: MetadataStore) -> None:
     assert len(removed) == 600 and store.count_texts() == 600
 
 
-# -- the library: the texts FAISS index follows every change ----------------------------------------
+# -- the search_index: the texts FAISS index follows every change ----------------------------------------
 
 
 @pytest.fixture
-def library(tmp_path: Path, db_url: str) -> Iterator[Library]:
-    library = Library(tmp_path / "index", db_url)
-    library.check_models(MODELS, record=True)
-    yield library
-    library.close()
+def search_index(tmp_path: Path, db_url: str) -> Iterator[SearchIndex]:
+    search_index = SearchIndex(tmp_path / "index", db_url)
+    search_index.check_models(MODELS, record=True)
+    yield search_index
+    search_index.close()
 
 
-def _assert_texts_consistent(library: Library) -> None:
+def _assert_texts_consistent(search_index: SearchIndex) -> None:
     """The saved texts FAISS file is the database's generation, and holds exactly the database's rows."""
-    gen = library.store.generation("texts")
-    assert generation_path(library.home, "texts", gen).exists()
-    assert sorted(p.name for p in library.home.glob("texts-*.faiss")) == [f"texts-{gen}.faiss"]
-    fresh = Library(library.home, library.store.url, read_only=True)
+    gen = search_index.store.generation("texts")
+    assert generation_path(search_index.home, "texts", gen).exists()
+    assert sorted(p.name for p in search_index.home.glob("texts-*.faiss")) == [f"texts-{gen}.faiss"]
+    fresh = SearchIndex(search_index.home, search_index.store.url, read_only=True)
     try:
         ids, _ = fresh.store.text_vectors(DIM)
         index = fresh.vectors("texts")
@@ -142,69 +142,71 @@ def _assert_texts_consistent(library: Library) -> None:
         fresh.close()
 
 
-def test_adding_the_same_captions_twice_changes_nothing(library: Library, tmp_path: Path) -> None:
+def test_adding_the_same_captions_twice_changes_nothing(search_index: SearchIndex, tmp_path: Path) -> None:
     path = tmp_path / "caps.txt"
     path.write_text("a red dog\na blue cat\na red dog\n")
     items = read_captions(path)
     v = _unit(3, seed=2)
-    with library.writer():
-        todo = library.texts_to_write(items)
+    with search_index.writer():
+        todo = search_index.texts_to_write(items)
         # The same caption twice in one file is written once (the last one, in its place).
         assert todo == [(caption_id("a blue cat"), "a blue cat"), (caption_id("a red dog"), "a red dog")]
-        library.commit_texts([(i, t, v[n]) for n, (i, t) in enumerate(todo)])
-        assert library.store.count_texts() == 2
-        gen = library.store.generation("texts")
+        search_index.commit_texts([(i, t, v[n]) for n, (i, t) in enumerate(todo)])
+        assert search_index.store.count_texts() == 2
+        gen = search_index.store.generation("texts")
         # Again: everything is stored as it is, so nothing is encoded or written.
-        assert library.texts_to_write(read_captions(path)) == []
+        assert search_index.texts_to_write(read_captions(path)) == []
         # An id whose text changed, and a caption without an id (the API's), are written.
         changed = [("c1", "new"), (caption_id("a red dog"), "a red dog"), (None, "anonymous")]
-        library.commit_texts([("c1", "old", v[2])])
-        assert library.texts_to_write(changed) == [("c1", "new"), (None, "anonymous")]
-    assert library.store.generation("texts") == gen + 1
-    _assert_texts_consistent(library)
+        search_index.commit_texts([("c1", "old", v[2])])
+        assert search_index.texts_to_write(changed) == [("c1", "new"), (None, "anonymous")]
+    assert search_index.store.generation("texts") == gen + 1
+    _assert_texts_consistent(search_index)
 
 
-def test_remove_and_clear_keep_faiss_consistent(library: Library) -> None:
+def test_remove_and_clear_keep_faiss_consistent(search_index: SearchIndex) -> None:
     v = _unit(4, seed=3)
-    with library.writer():
-        library.commit_texts(
+    with search_index.writer():
+        search_index.commit_texts(
             [("c1", "one", v[0]), ("c2", "two", v[1]), ("c3", "three", v[2]), (None, "four", v[3])]
         )
-        _assert_texts_consistent(library)
-        ids = library.find_texts(["c2", "c3"])
-        assert library.remove_texts(list(ids.values())) == 2
-        _assert_texts_consistent(library)
-        assert [r.text for r in library.store.list_texts()] == ["one", "four"]
-        # The in-memory index of this library followed too.
-        _, found = library.vectors("texts").search(v[1:2], 4)
+        _assert_texts_consistent(search_index)
+        ids = search_index.find_texts(["c2", "c3"])
+        assert search_index.remove_texts(list(ids.values())) == 2
+        _assert_texts_consistent(search_index)
+        assert [r.text for r in search_index.store.list_texts()] == ["one", "four"]
+        # The in-memory index of this search index followed too.
+        _, found = search_index.vectors("texts").search(v[1:2], 4)
         assert not set(found[0].tolist()) & set(ids.values())
-        assert library.clear_texts() == 2
-        _assert_texts_consistent(library)
-        assert library.store.count_texts() == 0 and len(library.vectors("texts")) == 0
+        assert search_index.clear_texts() == 2
+        _assert_texts_consistent(search_index)
+        assert search_index.store.count_texts() == 0 and len(search_index.vectors("texts")) == 0
         # Adding after a clear works as on a new collection.
-        library.commit_texts([("c1", "one", v[0])])
-        _assert_texts_consistent(library)
+        search_index.commit_texts([("c1", "one", v[0])])
+        _assert_texts_consistent(search_index)
 
 
-def test_find_texts_names_every_unknown_id(library: Library) -> None:
-    with library.writer():
-        library.commit_texts([("c1", "one", _unit(1)[0])])
+def test_find_texts_names_every_unknown_id(search_index: SearchIndex) -> None:
+    with search_index.writer():
+        search_index.commit_texts([("c1", "one", _unit(1)[0])])
     with pytest.raises(NotFoundError, match="nope, 99999"):
-        library.find_texts(["c1", "nope", "99999"])
+        search_index.find_texts(["c1", "nope", "99999"])
 
 
-def test_changes_take_the_write_lock(library: Library) -> None:
-    with library.writer():
-        library.commit_texts([("c1", "one", _unit(1)[0])])
-    with open(library.home / "write.lock", "a+") as held:  # another writer
+def test_changes_take_the_write_lock(search_index: SearchIndex) -> None:
+    with search_index.writer():
+        search_index.commit_texts([("c1", "one", _unit(1)[0])])
+    with open(search_index.home / "write.lock", "a+") as held:  # another writer
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(IndexLockedError):
-            library.remove_texts(list(library.find_texts(["c1"]).values()))
+            search_index.remove_texts(list(search_index.find_texts(["c1"]).values()))
         with pytest.raises(IndexLockedError):
-            library.clear_texts()
-    assert library.store.count_texts() == 1
-    assert library.remove_texts(list(library.find_texts(["c1"]).values())) == 1  # takes the lock itself
-    _assert_texts_consistent(library)
+            search_index.clear_texts()
+    assert search_index.store.count_texts() == 1
+    assert (
+        search_index.remove_texts(list(search_index.find_texts(["c1"]).values())) == 1
+    )  # takes the lock itself
+    _assert_texts_consistent(search_index)
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -310,14 +312,14 @@ def test_cli_list_remove_clear(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 def _assert_cli_texts_consistent(home: Path) -> None:
-    library = Library(home, read_only=True)
+    search_index = SearchIndex(home, read_only=True)
     try:
-        gen = library.store.generation("texts")
+        gen = search_index.store.generation("texts")
         assert [p.name for p in home.glob("texts-*.faiss")] == [f"texts-{gen}.faiss"]
-        ids, _ = library.store.text_vectors(1)
-        assert len(library.vectors("texts")) == len(ids)
+        ids, _ = search_index.store.text_vectors(1)
+        assert len(search_index.vectors("texts")) == len(ids)
     finally:
-        library.close()
+        search_index.close()
 
 
 def test_cli_remove_takes_the_row_id_of_a_caption_without_id(tmp_path: Path, env: dict[str, str]) -> None:
@@ -326,14 +328,14 @@ def test_cli_remove_takes_the_row_id_of_a_caption_without_id(tmp_path: Path, env
     captions = tmp_path / "caps.txt"
     captions.write_text("a red dog\n")
     run("texts", "add", captions, home=home, **env)
-    library = Library(home)
+    search_index = SearchIndex(home)
     try:
-        with library.writer():
-            library.commit_texts(
-                [(None, "an old caption", np.ones(library.vectors("texts").dim, np.float32))]
+        with search_index.writer():
+            search_index.commit_texts(
+                [(None, "an old caption", np.ones(search_index.vectors("texts").dim, np.float32))]
             )
     finally:
-        library.close()
+        search_index.close()
     rows = _listed(home)["data"]
     assert isinstance(rows, list)
     old = next(r for r in rows if r["text"] == "an old caption")

@@ -10,16 +10,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import pytest
 
-from retriever.library import Library
+from retriever.search_index import SearchIndex
 from tests.conftest import write_images
 from tests.tiny_models import make_tiny_vilt
 
 
-def run(*args: str | Path, home: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+# mypy lets a ``**dict[str, str]`` argument fill any keyword parameter, so with one signature every
+# ``run(..., **env)`` reads as passing a string for ``check``. Two signatures: ``check`` absent, or named.
+# (The implementation is flagged for not taking a string ``check`` that the first would route to it.)
+@overload
+def run(*args: str | Path, home: Path, **env: str) -> subprocess.CompletedProcess[str]: ...
+@overload
+def run(*args: str | Path, home: Path, check: bool, **env: str) -> subprocess.CompletedProcess[str]: ...
+def run(  # type: ignore[misc]
+    *args: str | Path, home: Path, check: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRIEVER_HOME": str(home), **env}
     proc = subprocess.run(
         [sys.executable, "-m", "retriever", *map(str, args)], capture_output=True, text=True, env=full_env
@@ -152,7 +162,7 @@ def test_interrupted_index_is_consistent_and_resumes(tmp_path: Path, env: dict[s
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
 
-    lib = Library(home)
+    lib = SearchIndex(home)
     ids = set(s.id for s in lib.store.file_states().values())
     index = lib.vectors("images")
     _, found = index.search(np.ones((1, index.dim), dtype=np.float32), len(ids) + 5)

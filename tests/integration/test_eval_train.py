@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,9 @@ def shapes_test(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("shapes_test"), 16, seed=7, split="test", workers=1)
 
 
-def test_eval_matrices_and_recalls_agree(shapes_test: Path, tiny_models, tmp_path: Path) -> None:
+def test_eval_matrices_and_recalls_agree(
+    shapes_test: Path, tiny_models: tuple[Any, Any], tmp_path: Path
+) -> None:
     pre, rer = tiny_models
     split = load_karpathy(shapes_test, split="test")
     calls: list[int] = []

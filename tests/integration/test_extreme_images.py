@@ -28,8 +28,8 @@ from retriever.api.settings import Settings
 from retriever.encoders import WINDOW_ASPECT, DualEncoder, central_window
 from retriever.factory import load_prefilter, load_reranker, preset
 from retriever.indexing import index_folder
-from retriever.library import Library
 from retriever.rerank import ProgressFn, Reranker, fit_aspect
+from retriever.search_index import SearchIndex
 from tests.api.conftest import CountingReranker, GatedLoader, wait_ready
 from tests.conftest import write_images
 
@@ -81,8 +81,8 @@ def shapes_models() -> tuple[DualEncoder, Reranker]:
     return load_prefilter(pre_dir, cpu), load_reranker(re_dir, cpu)
 
 
-def sqlite_library(home: Path) -> Library:
-    return Library(home, f"sqlite:///{home / 'store.db'}")
+def sqlite_library(home: Path) -> SearchIndex:
+    return SearchIndex(home, f"sqlite:///{home / 'store.db'}")
 
 
 def resolved(paths: Sequence[Path]) -> set[str]:
@@ -96,7 +96,7 @@ def resolved(paths: Sequence[Path]) -> set[str]:
 def test_fit_aspect_gives_every_image_a_patch_grid(shortest: int, divisor: int, patch: int) -> None:
     from transformers import ViltImageProcessor
 
-    processor = ViltImageProcessor(size={"shortest_edge": shortest}, size_divisor=divisor)
+    processor = ViltImageProcessor(size={"shortest_edge": shortest}, size_divisor=divisor)  # type: ignore[call-arg]
     sizes = [*EXTREME_SIZES, (20000, 1), (1, 5000), (1, 1), (3, 2), (640, 480), (1200, 100), (700, 20)]
     for size in sizes:
         image = Image.new("RGB", size, (200, 10, 10))
@@ -113,7 +113,7 @@ def test_fit_aspect_gives_every_image_a_patch_grid(shortest: int, divisor: int, 
 def test_fit_aspect_pads_no_more_than_needed() -> None:
     from transformers import ViltImageProcessor
 
-    processor = ViltImageProcessor(size={"shortest_edge": 384}, size_divisor=32)
+    processor = ViltImageProcessor(size={"shortest_edge": 384}, size_divisor=32)  # type: ignore[call-arg]
     # ViLT-B/32: long side capped at int(1333 / 800 * 384) = 639, so the widest it takes is 639 / 32.
     assert fit_aspect(Image.new("RGB", (1900, 100)), processor, 32).size == (1900, 100)
     wide = fit_aspect(Image.new("RGB", (2200, 100)), processor, 32)
@@ -150,21 +150,21 @@ def _index_mixed(
     tmp_path: Path, mixed: tuple[Path, list[Path], list[Path]], prefilter: DualEncoder, reranker: Reranker
 ) -> None:
     folder, normal, extreme = mixed
-    library = sqlite_library(tmp_path / "index")
+    search_index = sqlite_library(tmp_path / "index")
     try:
-        report = index_folder(library, prefilter, reranker, folder, batch_size=4)
+        report = index_folder(search_index, prefilter, reranker, folder, batch_size=4)
         assert report.skipped == [], report.skipped
         assert report.added == len(normal) + len(extreme)
-        states = library.store.file_states()
+        states = search_index.store.file_states()
         assert set(states) == resolved(normal + extreme)
-        records = library.store.images(sorted(s.id for s in states.values()))
-        tokens = library.patches().load([(r.patch_offset, r.patch_tokens) for r in records.values()])
+        records = search_index.store.images(sorted(s.id for s in states.values()))
+        tokens = search_index.patches().load([(r.patch_offset, r.patch_tokens) for r in records.values()])
         assert all(t.shape[0] > 1 and np.isfinite(t).all() for t in tokens)
         # The folder is finished: a second run has nothing left to do.
-        again = index_folder(library, prefilter, reranker, folder, batch_size=4)
+        again = index_folder(search_index, prefilter, reranker, folder, batch_size=4)
         assert (again.added, again.unchanged, again.skipped) == (0, len(normal) + len(extreme), [])
     finally:
-        library.close()
+        search_index.close()
 
 
 def test_extreme_images_are_indexed_with_the_tiny_models(
@@ -230,21 +230,21 @@ def test_a_failing_image_is_skipped_alone(tmp_path: Path, tiny_models: tuple[Any
         rer = PoisonedReranker(rer, poison_size)
     else:
         pre = PoisonedPrefilter(pre, poison_size)
-    library = sqlite_library(tmp_path / "index")
+    search_index = sqlite_library(tmp_path / "index")
     try:
         # One batch holds all six files.
-        report = index_folder(library, pre, rer, folder, batch_size=16)
+        report = index_folder(search_index, pre, rer, folder, batch_size=16)
         assert report.added == len(normal)
         assert [p for p, _ in report.skipped] == [str(poison.resolve())]
         reason = report.skipped[0][1]
         assert "poisoned" in reason and "\n" not in reason
-        assert set(library.store.file_states()) == resolved(normal)
+        assert set(search_index.store.file_states()) == resolved(normal)
         # The bad file is tried again next time (it may be fixed), and again loses nothing.
-        again = index_folder(library, pre, rer, folder, batch_size=16)
+        again = index_folder(search_index, pre, rer, folder, batch_size=16)
         assert (again.added, again.unchanged) == (0, len(normal))
         assert [p for p, _ in again.skipped] == [str(poison.resolve())]
     finally:
-        library.close()
+        search_index.close()
 
 
 # -- queries ------------------------------------------------------------------------------------------
@@ -291,13 +291,13 @@ def client(
     """The API over an index of the ordinary images and two captions (SQLite); errors come back as answers."""
     pre, rer = tiny_models
     home = tmp_path / "index"
-    library = sqlite_library(home)
+    search_index = sqlite_library(home)
     try:
-        index_folder(library, pre, rer, mixed[0] / "normal")
+        index_folder(search_index, pre, rer, mixed[0] / "normal")
         vectors = pre.encode_texts(["a red line", "a blue tower"])
-        library.commit_texts([("c1", "a red line", vectors[0]), ("c2", "a blue tower", vectors[1])])
+        search_index.commit_texts([("c1", "a red line", vectors[0]), ("c2", "a blue tower", vectors[1])])
     finally:
-        library.close()
+        search_index.close()
     settings = Settings(
         index_dir=home,
         db_url=f"sqlite:///{home / 'store.db'}",

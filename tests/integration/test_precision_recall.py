@@ -2,10 +2,7 @@
 the engine runs on this machine (bf16 where the CPU multiplies bf16 natively, int8 where a quantized
 engine exists), both directions, ranked as searches rank (ITM logit + prefilter logit).
 
-Measured on this set (400 images, seed 31337, candidates 16; 2-core Sapphire Rapids), R@1 text retrieval
-(image to text) / image retrieval: prefilter 55.75/53.2; rerank fp32 92.0/92.7, bf16 (bf16 residual stream)
-92.0/92.75, int8 (oneDNN) 91.75/92.85, fp16 92.0/92.7. On 1000 images (seed 90210,
-``retriever eval --precision P``): fp32 87.5/86.64, bf16 87.5/86.64, int8 (fbgemm) 87.4/86.54.
+The Recall@1 figures measured on this set are in docs/bench/hardware-choices.md.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from retriever.datasets.karpathy import load_karpathy
 from retriever.datasets.shapes import generate
 from retriever.evaluate import evaluate
 from retriever.factory import load_prefilter, load_reranker, preset
-from retriever.perf import int8_engine, read_cpu_info
+from retriever.hardware import int8_engine, read_cpu_info
 
 MAX_DROP_POINTS = 0.5
 CPU = torch.device("cpu")
@@ -57,9 +54,9 @@ def fp32_result(shapes_split, tmp_path_factory: pytest.TempPathFactory):  # type
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", _engine_precisions() or ["none"])
-def test_recall_at_1_holds_in_low_precision(
+def test_recall_at_1_holds_in_low_precision(  # type: ignore[no-untyped-def]
     precision: str, shapes_split, fp32_result, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     if precision == "none":
         pytest.skip("this CPU runs the rerank in fp32 only")
     pre_dir, re_dir = preset("shapes")

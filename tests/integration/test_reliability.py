@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retriever.library import Library
+from retriever.search_index import SearchIndex
 from tests.conftest import write_images
 from tests.integration.test_cli import run
 
@@ -32,14 +32,18 @@ IMAGES = 120
 def inconsistencies(home: Path) -> list[str]:
     """What is wrong with the index at ``home``, as a list of reasons (empty when consistent)."""
     problems: list[str] = []
-    library = Library(home, read_only=True)
+    search_index = SearchIndex(home, read_only=True)
     try:
-        problems += library.check()
-        if library.models() is None:
+        problems += search_index.check()
+        if search_index.models() is None:
             return problems
         for kind in ("images", "texts"):
-            ids = library.store.image_vectors(1)[0] if kind == "images" else library.store.text_vectors(1)[0]
-            index = library.vectors(kind)
+            ids = (
+                search_index.store.image_vectors(1)[0]
+                if kind == "images"
+                else search_index.store.text_vectors(1)[0]
+            )
+            index = search_index.vectors(kind)
             if len(index) != len(ids):
                 problems.append(f"{kind}: FAISS holds {len(index)} vectors, the database {len(ids)} rows")
                 continue
@@ -47,8 +51,8 @@ def inconsistencies(home: Path) -> list[str]:
                 _, found = index.search(np.ones((1, index.dim), dtype=np.float32), len(ids) + 5)
                 if set(found[0][found[0] >= 0].tolist()) != set(ids.tolist()):
                     problems.append(f"{kind}: FAISS ids differ from the database's")
-        records = list(library.store.images(library.store.image_vectors(1)[0].tolist()).values())
-        tokens = library.load_tokens(records)
+        records = list(search_index.store.images(search_index.store.image_vectors(1)[0].tolist()).values())
+        tokens = search_index.load_tokens(records)
         if any(
             t.shape[0] != r.patch_tokens or not np.isfinite(t).all()
             for t, r in zip(tokens, records, strict=True)
@@ -58,7 +62,7 @@ def inconsistencies(home: Path) -> list[str]:
         if len(paths) != len(set(paths)):
             problems.append("duplicate paths")
     finally:
-        library.close()
+        search_index.close()
     return problems
 
 

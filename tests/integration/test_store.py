@@ -1,4 +1,4 @@
-"""Tests for retriever.index.store (and Library consistency) on SQLite and PostgreSQL.
+"""Tests for retriever.index.store (and SearchIndex consistency) on SQLite and PostgreSQL.
 
 Every store test runs on both backends. The PostgreSQL cases create a throwaway database per test on
 the server at 127.0.0.1:5432 and drop it afterwards; when the server is unreachable they fail (CI always
@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from retriever.errors import ModelMismatchError
+from retriever.errors import ModelMismatchError, StoreError
+from retriever.index.database import normalize_url
 from retriever.index.schema import SCHEMA_VERSION
-from retriever.index.store import (
-    Encoded,
-    ImageBatch,
-    MetadataStore,
-    NewImage,
-    StoreError,
-    normalize_url,
-)
+from retriever.index.store import Encoded, ImageBatch, MetadataStore, NewImage
 from retriever.index.vectors import VectorIndex, generation_path, load_generation
-from retriever.library import Library, ModelInfo
+from retriever.search_index import ModelInfo, SearchIndex
 
 DIM = 8
 HIDDEN = 6
@@ -418,7 +412,7 @@ def test_normalize_url() -> None:
     assert normalize_url("sqlite://") == "sqlite://"
 
 
-# -- library --------------------------------------------------------------------------------------
+# -- search index -----------------------------------------------------------------------------------
 
 
 INFO = ModelInfo(
@@ -439,10 +433,10 @@ def _all_ids(index: VectorIndex) -> list[int]:
 
 
 def _image_batch(
-    library: Library, rng: np.random.Generator, start: int, n: int
+    search_index: SearchIndex, rng: np.random.Generator, start: int, n: int
 ) -> tuple[ImageBatch, list[np.ndarray]]:
     tokens = [rng.standard_normal((int(rng.integers(1, 6)), HIDDEN)).astype(np.float32) for _ in range(n)]
-    extents = library.patches().append(tokens)
+    extents = search_index.patches().append(tokens)
     vecs = _unit(rng, n)
     upserts = [_new(start + i, vecs[i], offset=o, tokens=t) for i, (o, t) in enumerate(extents)]
     return ImageBatch(upserts=upserts), tokens
@@ -451,7 +445,7 @@ def _image_batch(
 def test_library_rebuilds_stale_vectors_from_database(tmp_path: Path, db_url: str) -> None:
     rng = np.random.default_rng(9)
     home = tmp_path / "index"
-    lib = Library(home, db_url)
+    lib = SearchIndex(home, db_url)
     try:
         lib.check_models(INFO, record=True)
         assert lib.models() == INFO
@@ -476,7 +470,7 @@ def test_library_rebuilds_stale_vectors_from_database(tmp_path: Path, db_url: st
     assert _all_ids(stale) == sorted(ids1)
     assert load_generation(home, "images", applied2.generation, DIM) is None
 
-    lib2 = Library(home, db_url)
+    lib2 = SearchIndex(home, db_url)
     try:
         lib2.check_models(INFO, record=False)
         db_ids, db_vecs = lib2.store.image_vectors(DIM)
@@ -516,7 +510,7 @@ def test_library_rebuilds_stale_vectors_from_database(tmp_path: Path, db_url: st
 def test_library_refuses_other_models_and_reset_empties(tmp_path: Path, db_url: str) -> None:
     rng = np.random.default_rng(10)
     home = tmp_path / "index"
-    lib = Library(home, db_url)
+    lib = SearchIndex(home, db_url)
     try:
         lib.check_models(INFO, record=True)
         batch, _ = _image_batch(lib, rng, 0, 8)
@@ -561,8 +555,8 @@ def test_library_refuses_other_models_and_reset_empties(tmp_path: Path, db_url: 
     finally:
         lib.close()
 
-    # A new Library on the same database sees the reset too.
-    lib2 = Library(home, db_url)
+    # A new SearchIndex on the same database sees the reset too.
+    lib2 = SearchIndex(home, db_url)
     try:
         assert lib2.models() == new_info
         assert len(lib2.vectors("images")) == 0
@@ -572,7 +566,7 @@ def test_library_refuses_other_models_and_reset_empties(tmp_path: Path, db_url: 
 
 def test_commit_texts_with_repeated_ext_id_in_one_call(tmp_path: Path, db_url: str) -> None:
     rng = np.random.default_rng(11)
-    lib = Library(tmp_path / "index", db_url)
+    lib = SearchIndex(tmp_path / "index", db_url)
     try:
         lib.check_models(INFO, record=True)
         v = _unit(rng, 2)

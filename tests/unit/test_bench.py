@@ -146,7 +146,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_op_kinds() -> None:
-    from retriever.bench import _op_kind
+    from retriever.bench.profiler import _op_kind
 
     assert _op_kind("mkldnn::_linear_pointwise") == "linear"
     assert _op_kind("quantized::linear_dynamic") == "linear"

@@ -169,8 +169,8 @@ def test_without_pillow_heif_heic_files_are_named_as_skipped(tmp_path: Path) -> 
 
 def test_index_folder_indexes_phone_photos(tmp_path: Path, tiny_models: tuple[object, object]) -> None:
     from retriever.indexing import index_folder
-    from retriever.library import Library
     from retriever.search import search_image
+    from retriever.search_index import SearchIndex
 
     pre, rer = tiny_models
     photos = tmp_path / "photos"
@@ -180,17 +180,17 @@ def test_index_folder_indexes_phone_photos(tmp_path: Path, tiny_models: tuple[ob
         pictures["IMG_0002.avif"] = ("AVIF", _quadrants(48, 64).rotate(180))
     for name, (fmt, img) in pictures.items():
         (photos / name).write_bytes(_encode(img, fmt, orientation=6))
-    library = Library(tmp_path / "index")
+    search_index = SearchIndex(tmp_path / "index")
     try:
-        report = index_folder(library, pre, rer, photos)  # type: ignore[arg-type]
+        report = index_folder(search_index, pre, rer, photos)  # type: ignore[arg-type]
         assert report.added == len(pictures) and not report.skipped
-        ids = [state.id for state in library.store.file_states().values()]
-        sizes = {Path(r.path).name: (r.width, r.height) for r in library.store.images(ids).values()}
+        ids = [state.id for state in search_index.store.file_states().values()]
+        sizes = {Path(r.path).name: (r.width, r.height) for r in search_index.store.images(ids).values()}
         # Both were stored rotated by EXIF orientation 6: the index records the size as shown.
         shown = {"IMG_0001.HEIC": (48, 64), "IMG_0002.avif": (64, 48)}
         assert sizes == {name: shown[name] for name in pictures}
         decoded = read_and_decode(photos / "IMG_0001.HEIC")[1].image
-        top = search_image(library, pre, decoded, k=1).hits[0]  # type: ignore[arg-type]
+        top = search_image(search_index, pre, decoded, k=1).hits[0]  # type: ignore[arg-type]
         assert top.path is not None and Path(top.path).name == "IMG_0001.HEIC"
     finally:
-        library.close()
+        search_index.close()

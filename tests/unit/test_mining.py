@@ -13,7 +13,9 @@ def _data() -> tuple[TrainData, np.ndarray, np.ndarray]:
     # Images 0-3 are a twin group; image 4 shows the same scene as image 0 (same captions);
     # images 5-11 are unrelated. Two captions per image.
     scenes = [0, 1, 2, 3, 0, 5, 6, 7, 8, 9, 10, 11]
-    texts, text_image, image_texts = [], [], []
+    texts: list[str] = []
+    text_image: list[int] = []
+    image_texts: list[list[int]] = []
     for i, scene in enumerate(scenes):
         image_texts.append([])
         for form in range(2):

@@ -92,5 +92,8 @@ def test_embed_image_matches_transformers_visual_embed(reranker: ViltReranker) -
     assert mask.all() and theirs_np.shape == ours.shape
     # transformers draws a random token order; compare as sets of rows (CLS first in both).
     np.testing.assert_allclose(ours[0], theirs_np[0], atol=1e-5)
-    key = lambda a: a[np.lexsort(a[:, :4].T[::-1])]  # noqa: E731
+
+    def key(a: np.ndarray) -> np.ndarray:
+        return a[np.lexsort(a[:, :4].T[::-1])]
+
     np.testing.assert_allclose(key(ours[1:]), key(theirs_np[1:]), atol=1e-5)

@@ -185,6 +185,8 @@ def test_objects_extent_color_shape_and_placement(any_set: tuple[Path, list[Entr
 
 
 def centroid_y(obj: Entry) -> float:
+    y0: float
+    y1: float
     _, y0, _, y1 = obj["box"]
     return y0 + 2 * (y1 - y0) / 3 if obj["shape"] == "triangle" else (y0 + y1) / 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +17,9 @@ from PIL import Image
 
 from tests.tiny_models import make_tiny_clip, make_tiny_vilt
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 QUERY = "a red circle left of a blue square"
 
 
@@ -24,7 +28,7 @@ def _image(w: int = 96, h: int = 64, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
 
 
-def _state(path: Path, cls) -> dict[str, torch.Tensor]:
+def _state(path: Path, cls: type[PreTrainedModel]) -> dict[str, torch.Tensor]:
     return cls.from_pretrained(path).state_dict()
 
 
@@ -33,7 +37,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     t0 = time.perf_counter()
     out = {"clip": make_tiny_clip(root / "clip"), "vilt": make_tiny_vilt(root / "vilt")}
@@ -45,19 +49,19 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def test_folders_are_small(built):
+def test_folders_are_small(built: dict[str, Path]) -> None:
     for path in built.values():
         assert (path / "config.json").is_file()
         assert (path / "model.safetensors").is_file()
         assert _size(path) < 2_000_000
 
 
-def test_clip_loads_and_runs(built):
+def test_clip_loads_and_runs(built: dict[str, Path]) -> None:
     from transformers import CLIPModel, CLIPProcessor
 
     path = built["clip"]
     processor = CLIPProcessor.from_pretrained(path)
-    model = CLIPModel.from_pretrained(path).eval()
+    model = CLIPModel.from_pretrained(path).eval()  # type: ignore[no-untyped-call]
     tok = processor.tokenizer
     cfg = model.config.text_config
 
@@ -87,12 +91,12 @@ def test_clip_loads_and_runs(built):
     torch.testing.assert_close(alone[0], t_emb[1], rtol=1e-4, atol=1e-5)
 
 
-def test_vilt_loads_and_runs(built):
+def test_vilt_loads_and_runs(built: dict[str, Path]) -> None:
     from transformers import ViltForImageAndTextRetrieval, ViltProcessor
 
     path = built["vilt"]
     processor = ViltProcessor.from_pretrained(path)
-    model = ViltForImageAndTextRetrieval.from_pretrained(path).eval()
+    model = ViltForImageAndTextRetrieval.from_pretrained(path).eval()  # type: ignore[no-untyped-call]
     assert model.config.vocab_size == len(processor.tokenizer)
     assert processor.tokenizer.pad_token_id == model.config.pad_token_id == 0
 
@@ -111,7 +115,7 @@ def test_vilt_loads_and_runs(built):
     assert emb.position_embeddings.shape == (1, 12 * 12 + 1, 32)
 
 
-def test_seed_determinism(built, tmp_path):
+def test_seed_determinism(built: dict[str, Path], tmp_path: Path) -> None:
     from transformers import CLIPModel, ViltForImageAndTextRetrieval
 
     clip_same = _state(make_tiny_clip(tmp_path / "c0"), CLIPModel)

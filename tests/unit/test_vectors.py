@@ -286,3 +286,32 @@ def test_shape_errors_raise_value_error() -> None:
         index.search(np.zeros(4, dtype=np.float32), 1)  # 1-D query
     with pytest.raises(ValueError):
         index.search(np.zeros((1, 3), dtype=np.float32), 1)  # wrong dim
+
+
+def test_vector_index_turns_ivf_at_threshold_and_keeps_recall(tmp_path: Path) -> None:
+    from retriever.bench.synthetic import synthetic_vectors
+
+    n, dim = 4000, 32
+    x = synthetic_vectors(n, dim, clustered=True, seed=0)
+    ids = np.arange(n, dtype=np.int64) * 3
+    exact = VectorIndex(dim, approx_min=None)
+    exact.add(ids, x)
+    approx = VectorIndex(dim, approx_min=3000)
+    approx.add(ids[:2000], x[:2000])
+    assert approx.exact
+    approx.add(ids[2000:], x[2000:])
+    assert not approx.exact and len(approx) == n
+    queries = x[:50] + np.float32(0.01)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, truth = exact.search(queries, 16)
+    _, found = approx.search(queries, 16)
+    recall = np.mean([len(set(truth[i]) & set(found[i])) / 16 for i in range(50)])
+    assert recall >= 0.9
+    # Removal, saving and loading work on the IVF index too.
+    assert approx.remove(ids[:10]) == 10 and len(approx) == n - 10
+    path = tmp_path / "ivf.faiss"
+    approx.save(path)
+    again = VectorIndex.load(path, dim)
+    assert not again.exact and len(again) == n - 10
+    _, top = again.search(x[20:21], 1)
+    assert top[0, 0] == ids[20]

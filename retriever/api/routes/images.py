@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.responses import FileResponse
 
-from .. import crud
+from .. import service
 from ..deps import RuntimeDep, WriterDep
 from ..errors import error_responses
 from ..schemas import MAX_ID, ImagePublic, ImagesPublic
@@ -25,14 +25,14 @@ def list_images(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ImagesPublic:
     """Indexed images in id order, a page at a time."""
-    data, count = crud.list_images(runtime.reader, offset, limit)
+    data, count = service.list_images(runtime.reader, offset, limit)
     return ImagesPublic(data=data, count=count)
 
 
 @router.get("/{image_id}", response_model=ImagePublic, responses=error_responses(404, 422, 503))
 def get_image(runtime: RuntimeDep, image_id: ImageId) -> ImagePublic:
     """An indexed image's metadata."""
-    return crud.image_public(crud.get_image(runtime.reader, image_id))
+    return service.image_public(service.get_image(runtime.reader, image_id))
 
 
 @router.get(
@@ -49,8 +49,8 @@ def get_thumbnail(
     size: Annotated[int, Query(ge=32, le=1024, description="Longest side in pixels.")] = 256,
 ) -> FileResponse:
     """A JPEG thumbnail of the image (cached in the index dir after the first request)."""
-    record = crud.get_image(runtime.reader, image_id)
-    source = crud.existing_file(record, crud.served_roots(runtime))
+    record = service.get_image(runtime.reader, image_id)
+    source = service.existing_file(record, service.served_roots(runtime))
     path = thumbnail(runtime.settings.index_dir, record, size, source)
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -65,7 +65,7 @@ def get_thumbnail(
 )
 def get_file(runtime: RuntimeDep, image_id: ImageId) -> FileResponse:
     """The original image file, from the path the index recorded for this id."""
-    path = crud.existing_file(crud.get_image(runtime.reader, image_id), crud.served_roots(runtime))
+    path = service.existing_file(service.get_image(runtime.reader, image_id), service.served_roots(runtime))
     return FileResponse(path, filename=path.name, content_disposition_type="inline")
 
 
@@ -78,4 +78,4 @@ def get_file(runtime: RuntimeDep, image_id: ImageId) -> FileResponse:
 )
 def delete_image(runtime: RuntimeDep, image_id: ImageId) -> None:
     """Remove an image from the index (not its file); re-indexing its folder finds it again."""
-    crud.delete_image(runtime, image_id)
+    service.delete_image(runtime, image_id)

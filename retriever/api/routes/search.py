@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
-from .. import crud
+from .. import service
 from ..deps import ModelsDep, RuntimeDep
 from ..errors import error_responses
 from ..schemas import NOT_BLANK, ImageQueryResponse, ImageSearchResponse
@@ -40,7 +40,7 @@ def search_text(
     rerank: Annotated[bool, Query(description=_RERANK_HELP)] = True,
 ) -> ImageSearchResponse:
     """Text→image: images ranked by how well they match the query."""
-    return crud.search_images_by_text(runtime, models, q, k, candidates, rerank)
+    return service.search_images_by_text(runtime, models, q, k, candidates, rerank)
 
 
 @router.post(
@@ -66,5 +66,5 @@ def search_image(
     image = decode_upload(data, settings.max_upload_pixels)
     label = file.filename or "upload"
     if target == "texts":
-        return crud.search_texts_by_image(runtime, models, image, label, k, candidates, rerank)
-    return crud.search_images_by_image(runtime, models, image, label, k)
+        return service.search_texts_by_image(runtime, models, image, label, k, candidates, rerank)
+    return service.search_images_by_image(runtime, models, image, label, k)

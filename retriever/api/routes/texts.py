@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from .. import crud
+from .. import service
 from ..deps import ModelsDep, RuntimeDep, WriterDep
 from ..errors import error_responses
 from ..schemas import TextsAdded, TextsCreate
@@ -20,5 +20,5 @@ router = APIRouter(prefix="/texts", tags=["texts"])
 )
 def add_texts(runtime: RuntimeDep, models: ModelsDep, body: TextsCreate) -> TextsAdded:
     """Add captions; a caption whose ``id`` exists already replaces it."""
-    added, count = crud.add_texts(runtime, models, body.texts)
+    added, count = service.add_texts(runtime, models, body.texts)
     return TextsAdded(added=added, count=count)

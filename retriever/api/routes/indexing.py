@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from .. import crud
+from .. import service
 from ..deps import RuntimeDep, WriterDep
 from ..errors import error_responses
 from ..schemas import IndexRequest, JobPublic
@@ -26,13 +26,13 @@ def start_index(runtime: RuntimeDep, body: IndexRequest, response: Response) -> 
 
     The path must resolve (symbolic links and ``..`` included) inside one of the server's roots.
     """
-    path = crud.resolve_index_path(runtime.settings.roots, body.path)
+    path = service.resolve_index_path(runtime.settings.roots, body.path)
     job = runtime.jobs.submit(str(path))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return crud.job_public(job)
+    return service.job_public(job)
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=error_responses(404, 422))
 def get_job(runtime: RuntimeDep, job_id: Annotated[str, Path(min_length=1, max_length=64)]) -> JobPublic:
     """An index job's state and progress; its report once done, its error once failed."""
-    return crud.job_public(runtime.jobs.get(job_id))
+    return service.job_public(runtime.jobs.get(job_id))

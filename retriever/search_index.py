@@ -7,6 +7,10 @@ Order of writes, so that an interruption at any point leaves a consistent index:
 A FAISS file whose generation is not the database's is never used: the index is rebuilt from the
 database's vectors. So no FAISS id exists without its row, and no row without its tokens.
 
+``SearchIndexReader`` holds what reading needs (look-ups, vectors, tokens, damage, status);
+``SearchIndex`` adds every write, so a view that must only read (the server's search snapshot) has no
+write to call by mistake.
+
 An index folder and its database belong together: on the first write both record one random index id
 (the folder in ``index.json``, the database in its facts), and a folder opened with a database that
 records another id, or none while the folder has one, is refused before anything is read or written.
@@ -35,18 +39,10 @@ from .errors import (
     NoIndexError,
     NotFoundError,
     RetrieverError,
-    SchemaError,
 )
+from .index.database import normalize_url
 from .index.patches import PatchCache, PatchCacheShortError
-from .index.store import (
-    Applied,
-    ImageBatch,
-    ImageRecord,
-    MetadataStore,
-    NoStoreError,
-    StoreError,
-    normalize_url,
-)
+from .index.store import Applied, ImageBatch, ImageRecord, MetadataStore, NoStoreError
 from .index.vectors import VectorIndex, load_generation, save_generation
 
 DB_NAME = "retriever.db"
@@ -77,40 +73,39 @@ class ModelInfo:
         }
 
 
-class Library:
-    """An index directory (and its database, SQLite inside it unless a URL is given).
+class SearchIndexReader:
+    """An index directory (and its database, SQLite inside it unless a URL is given), opened for reading.
 
-    ``read_only`` opens an existing index without writing anything (no folder or database is created, no
-    stale FAISS file rewritten): ``NoIndexError`` when there is none. ``rebind`` (a deliberate rebuild) lets
-    a folder take a database that holds nothing yet, although the folder belonged to another one.
+    Without ``create`` an existing index is opened without writing anything (no folder or database is
+    created): ``NoIndexError`` when there is none. With it, a missing folder and database are created empty
+    (what every writer does, and a server at start-up). A FAISS file that is stale is rebuilt in memory
+    only: the next writer saves it.
     """
 
-    def __init__(
-        self, home: Path, db_url: str | None = None, *, read_only: bool = False, rebind: bool = False
-    ) -> None:
+    #: Whether a folder may take a database that holds nothing yet, although it belonged to another one:
+    #: only a ``SearchIndex`` opened for a deliberate rebuild, which binds the two on its first write.
+    _rebind = False
+
+    def __init__(self, home: Path, db_url: str | None = None, *, create: bool = False) -> None:
         self.home = home
-        self.read_only = read_only
         url = db_url or f"sqlite:///{home / DB_NAME}"
-        if read_only and (not home.is_dir() or (db_url is None and not (home / DB_NAME).is_file())):
+        if not create and (not home.is_dir() or (db_url is None and not (home / DB_NAME).is_file())):
             raise NoIndexError(f"there is no index at {home}: build one with `retriever index FOLDER` first")
         try:
             normalize_url(url)  # an unsupported or malformed URL is refused before anything is created
-            if not read_only:
+            if create:
                 home.mkdir(parents=True, exist_ok=True)
-            self.store = MetadataStore(url, create=not read_only)
+            self.store = MetadataStore(url, create=create)
         except NoStoreError as exc:
             raise NoIndexError(f"{exc}: build one with `retriever index FOLDER` first") from exc
-        except StoreError as exc:
-            raise SchemaError(str(exc)) from exc
         try:
-            self._check_identity(rebind)
+            self._check_identity(self._rebind)
         except BaseException:
             self.store.close()
             raise
         self._vectors: dict[str, VectorIndex] = {}
         self._loaded_generation: dict[str, int] = {}
         self._patches: PatchCache | None = None
-        self._lock_depth = 0
 
     def close(self) -> None:
         """Release database connections."""
@@ -174,26 +169,6 @@ class Library:
             f"--db-url ({recorded})"
         )
 
-    def _bind(self, fresh: bool = False) -> None:
-        """Record one index id in the folder and the database (at the first write, or anew on a rebuild)."""
-        own = self._own_identity()
-        theirs = self.store.get_meta("index_id")
-        if not fresh and own is not None and own["index_id"] == theirs:
-            return
-        # Keep the database's id only to finish a first write that stopped before the folder's file.
-        index_id = theirs if (theirs and not fresh and own is None) else uuid.uuid4().hex
-        record = {
-            "index_id": index_id,
-            "database": self.store.display_url,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        # Database first: a crash between the two leaves a database id the folder lacks, which the next
-        # write (holding the lock) completes, never a folder pointing at a database that does not know it.
-        self.store.set_meta({"index_id": index_id, "index_dir": str(self.home)})
-        tmp = self.home / (IDENTITY_NAME + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, self.home / IDENTITY_NAME)
-
     # -- models -----------------------------------------------------------------------------------
 
     def models(self) -> ModelInfo | None:
@@ -211,12 +186,10 @@ class Library:
             hidden=int(meta.get("hidden") or 0),
         )
 
-    def check_models(self, wanted: ModelInfo, *, record: bool) -> None:
-        """Refuse models other than the index's; record them on an index that has none yet."""
+    def check_models(self, wanted: ModelInfo) -> None:
+        """Refuse models other than the index's (an index with none recorded yet takes any)."""
         have = self.models()
         if have is None:
-            if record:
-                self.store.set_meta(wanted.as_meta())
             return
         problems = []
         if (have.prefilter_fingerprint, have.dim) != (wanted.prefilter_fingerprint, wanted.dim):
@@ -233,20 +206,6 @@ class Library:
                 "or rebuild the index with the new ones on purpose: retriever index DIR --rebuild "
                 "(or give another --index-dir)."
             )
-
-    def reset(self, wanted: ModelInfo) -> None:
-        """Forget every image and caption and their caches, and record new models (a deliberate rebuild)."""
-        self.store.clear()
-        gens = {f"{k}_generation": str(self.store.generation(k) + 1) for k in ("images", "texts")}
-        self.store.set_meta({**wanted.as_meta(), **gens, "roots": "{}"})
-        self._bind(fresh=True)
-        for f in self.home.glob("patches-*.f16"):
-            f.unlink()
-        for f in self.home.glob("*.faiss"):
-            f.unlink()
-        self._vectors.clear()
-        self._loaded_generation.clear()
-        self._patches = None
 
     # -- caches -----------------------------------------------------------------------------------
 
@@ -269,16 +228,182 @@ class Library:
             return self._vectors[kind]
         index = load_generation(self.home, kind, gen, info.dim)
         if index is None:
-            index = VectorIndex(info.dim)
-            ids, vecs = (
-                self.store.image_vectors(info.dim) if kind == "images" else self.store.text_vectors(info.dim)
-            )
-            index.add(ids, vecs)
-            if not self.read_only:  # a reader rebuilds in memory; the next writer saves the file
-                save_generation(index, self.home, kind, gen)
+            index = self._rebuild_vectors(kind, info.dim)
+            self._rebuilt(index, kind, gen)
         self._vectors[kind] = index
         self._loaded_generation[kind] = gen
         return index
+
+    def _rebuild_vectors(self, kind: str, dim: int) -> VectorIndex:
+        """A FAISS index of ``kind`` built from the database's vectors."""
+        index = VectorIndex(dim)
+        ids, vecs = self.store.image_vectors(dim) if kind == "images" else self.store.text_vectors(dim)
+        index.add(ids, vecs)
+        return index
+
+    def _rebuilt(self, index: VectorIndex, kind: str, generation: int) -> None:
+        """Called with an index rebuilt for a generation that had no file: a reader keeps it in memory."""
+
+    def find_texts(self, keys: Sequence[str]) -> dict[str, int]:
+        """Row ids of the captions shown (in lists and search hits) under these ids.
+
+        Raises:
+            NotFoundError: some keys name no caption; the message names them all.
+        """
+        found = self.store.find_texts(keys)
+        unknown = [k for k in dict.fromkeys(keys) if k not in found]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise NotFoundError(
+                f"no caption has the id {shown}" if len(unknown) == 1 else f"no captions have the ids {shown}"
+            )
+        return found
+
+    # -- roots ------------------------------------------------------------------------------------
+
+    def roots(self) -> dict[str, str]:
+        """Real path → last time indexed (UTC, ISO 8601) of every file or folder an index run was given."""
+        try:
+            value = json.loads(self.store.get_meta("roots") or "{}")
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    # -- damage -----------------------------------------------------------------------------------
+
+    def _cache_problem(self) -> str | None:
+        if self.models() is None:
+            return None
+        cache = self.patches()
+        needed = self.store.patch_rows_needed()
+        have = cache.rows
+        if needed <= have:
+            return None
+        missing = len(self.store.images_beyond(have))
+        state = "is missing" if not cache.path.exists() else f"is cut short ({have} of {needed} rows)"
+        return (
+            f"the patch cache {cache.path} {state}: {missing} images have no cached tokens. "
+            "Repair: `retriever index FOLDER` re-encodes them from their files "
+            "(or rebuild everything with `retriever index FOLDER --rebuild`)"
+        )
+
+    def check(self) -> list[str]:
+        """What is damaged in this index, one line each with its repair (empty when all is well)."""
+        problem = self._cache_problem()
+        return [problem] if problem else []
+
+    def load_tokens(self, records: Sequence[ImageRecord]) -> list[np.ndarray]:
+        """The cached visual tokens of these images; ``IndexDamagedError`` when the cache lacks them."""
+        try:
+            return self.patches().load([(r.patch_offset, r.patch_tokens) for r in records])
+        except PatchCacheShortError as exc:
+            raise IndexDamagedError(self._cache_problem() or str(exc)) from exc
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def disk_bytes(self) -> int:
+        """Bytes of every file in the index directory (the database too, when it is SQLite)."""
+        total = 0
+        for p in self.home.iterdir():
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:  # removed meanwhile
+                continue
+        return total
+
+    def status(self) -> dict[str, object]:
+        """Counts, models and sizes, as ``retriever status`` reports them."""
+        images = self.store.count_images()
+        texts = self.store.count_texts()
+        info = self.models()
+        patch_bytes = self.patches().nbytes if info is not None else 0
+        # Per image counts the tokens rows point to, not runs left behind by changed or deleted files.
+        live_rows = sum(n for _, n in self.store.patch_extents())
+        live_bytes = live_rows * self.patches().row_bytes if info is not None else 0
+        return {
+            "index_dir": str(self.home),
+            "database": self.store.display_url,
+            "images": images,
+            "texts": texts,
+            "models": None
+            if info is None
+            else {"prefilter": info.prefilter, "dim": info.dim, "reranker": info.reranker},
+            "disk_bytes": self.disk_bytes(),
+            "database_bytes": self.store.database_bytes(),
+            "patch_cache_bytes": patch_bytes,
+            "cache_bytes_per_image": round(live_bytes / images) if images else 0,
+            "schema_version": self.store.schema_version(),
+            "roots": self.roots(),
+            "problems": self.check(),
+        }
+
+
+class SearchIndex(SearchIndexReader):
+    """An index directory and its database, for reading and writing: every write goes through here.
+
+    ``read_only`` opens an existing index without writing anything (no folder or database is created, no
+    stale FAISS file rewritten, the write lock refused): ``NoIndexError`` when there is none. ``rebind`` (a
+    deliberate rebuild) lets a folder take a database that holds nothing yet, although the folder belonged
+    to another one.
+    """
+
+    def __init__(
+        self, home: Path, db_url: str | None = None, *, read_only: bool = False, rebind: bool = False
+    ) -> None:
+        self.read_only = read_only
+        self._rebind = rebind
+        super().__init__(home, db_url, create=not read_only)
+        self._lock_depth = 0
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def _bind(self, fresh: bool = False) -> None:
+        """Record one index id in the folder and the database (at the first write, or anew on a rebuild)."""
+        own = self._own_identity()
+        theirs = self.store.get_meta("index_id")
+        if not fresh and own is not None and own["index_id"] == theirs:
+            return
+        # Keep the database's id only to finish a first write that stopped before the folder's file.
+        index_id = theirs if (theirs and not fresh and own is None) else uuid.uuid4().hex
+        record = {
+            "index_id": index_id,
+            "database": self.store.display_url,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        # Database first: a crash between the two leaves a database id the folder lacks, which the next
+        # write (holding the lock) completes, never a folder pointing at a database that does not know it.
+        self.store.set_meta({"index_id": index_id, "index_dir": str(self.home)})
+        tmp = self.home / (IDENTITY_NAME + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, self.home / IDENTITY_NAME)
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def check_models(self, wanted: ModelInfo, *, record: bool = False) -> None:
+        """Refuse models other than the index's; with ``record``, record them on an index that has none."""
+        if record and self.models() is None:
+            self.store.set_meta(wanted.as_meta())
+            return
+        super().check_models(wanted)
+
+    def reset(self, wanted: ModelInfo) -> None:
+        """Forget every image and caption and their caches, and record new models (a deliberate rebuild)."""
+        self.store.clear_all({**wanted.as_meta(), "roots": "{}"})
+        self._bind(fresh=True)
+        for f in self.home.glob("patches-*.f16"):
+            f.unlink()
+        for f in self.home.glob("*.faiss"):
+            f.unlink()
+        self._vectors.clear()
+        self._loaded_generation.clear()
+        self._patches = None
+
+    # -- caches -----------------------------------------------------------------------------------
+
+    def _rebuilt(self, index: VectorIndex, kind: str, generation: int) -> None:
+        """Save an index rebuilt for a generation that had no file (not when opened read-only)."""
+        if not self.read_only:
+            save_generation(index, self.home, kind, generation)
 
     def commit(self, batch: ImageBatch, models: ModelInfo) -> Applied:
         """Commit image rows and apply them to the in-memory FAISS index (saved by ``save_vectors``)."""
@@ -317,21 +442,6 @@ class Library:
         unique = [item for n, item in enumerate(items) if item[0] is None or last[item[0]] == n]
         stored = self.store.texts_by_ext_id(ext_id for ext_id, _ in unique if ext_id is not None)
         return [(ext_id, text) for ext_id, text in unique if ext_id is None or stored.get(ext_id) != text]
-
-    def find_texts(self, keys: Sequence[str]) -> dict[str, int]:
-        """Row ids of the captions shown (in lists and search hits) under these ids.
-
-        Raises:
-            NotFoundError: some keys name no caption; the message names them all.
-        """
-        found = self.store.find_texts(keys)
-        unknown = [k for k in dict.fromkeys(keys) if k not in found]
-        if unknown:
-            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-            raise NotFoundError(
-                f"no caption has the id {shown}" if len(unknown) == 1 else f"no captions have the ids {shown}"
-            )
-        return found
 
     def remove_texts(self, ids: Sequence[int]) -> int:
         """Delete captions by row id from the database and the texts FAISS index, saved for the new
@@ -403,14 +513,6 @@ class Library:
 
     # -- roots ------------------------------------------------------------------------------------
 
-    def roots(self) -> dict[str, str]:
-        """Real path → last time indexed (UTC, ISO 8601) of every file or folder an index run was given."""
-        try:
-            value = json.loads(self.store.get_meta("roots") or "{}")
-        except ValueError:
-            return {}
-        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
     def record_roots(self, paths: Sequence[Path]) -> None:
         """Remember that these (real) paths were indexed now."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -418,34 +520,6 @@ class Library:
         self.store.set_meta({"roots": json.dumps(roots, sort_keys=True)})
 
     # -- damage -----------------------------------------------------------------------------------
-
-    def _cache_problem(self) -> str | None:
-        if self.models() is None:
-            return None
-        cache = self.patches()
-        needed = self.store.patch_rows_needed()
-        have = cache.rows
-        if needed <= have:
-            return None
-        missing = len(self.store.images_beyond(have))
-        state = "is missing" if not cache.path.exists() else f"is cut short ({have} of {needed} rows)"
-        return (
-            f"the patch cache {cache.path} {state}: {missing} images have no cached tokens. "
-            "Repair: `retriever index FOLDER` re-encodes them from their files "
-            "(or rebuild everything with `retriever index FOLDER --rebuild`)"
-        )
-
-    def check(self) -> list[str]:
-        """What is damaged in this index, one line each with its repair (empty when all is well)."""
-        problem = self._cache_problem()
-        return [problem] if problem else []
-
-    def load_tokens(self, records: Sequence[ImageRecord]) -> list[np.ndarray]:
-        """The cached visual tokens of these images; ``IndexDamagedError`` when the cache lacks them."""
-        try:
-            return self.patches().load([(r.patch_offset, r.patch_tokens) for r in records])
-        except PatchCacheShortError as exc:
-            raise IndexDamagedError(self._cache_problem() or str(exc)) from exc
 
     def drop_images_without_tokens(self) -> list[str]:
         """Delete the rows whose tokens the patch cache lacks (so a run re-encodes them); their paths."""
@@ -457,41 +531,3 @@ class Library:
             self.commit(ImageBatch(deletes=[i for i, _ in damaged]), info)
             self.save_vectors()
         return [p for _, p in damaged]
-
-    # -- status -----------------------------------------------------------------------------------
-
-    def disk_bytes(self) -> int:
-        """Bytes of every file in the index directory (the database too, when it is SQLite)."""
-        total = 0
-        for p in self.home.iterdir():
-            try:
-                total += p.stat().st_size if p.is_file() else 0
-            except OSError:  # removed meanwhile
-                continue
-        return total
-
-    def status(self) -> dict[str, object]:
-        """Counts, models and sizes, as ``retriever status`` reports them."""
-        images = self.store.count_images()
-        texts = self.store.count_texts()
-        info = self.models()
-        patch_bytes = self.patches().nbytes if info is not None else 0
-        # Per image counts the tokens rows point to, not runs left behind by changed or deleted files.
-        live_rows = sum(n for _, n in self.store.patch_extents())
-        live_bytes = live_rows * self.patches().row_bytes if info is not None else 0
-        return {
-            "index_dir": str(self.home),
-            "database": self.store.display_url,
-            "images": images,
-            "texts": texts,
-            "models": None
-            if info is None
-            else {"prefilter": info.prefilter, "dim": info.dim, "reranker": info.reranker},
-            "disk_bytes": self.disk_bytes(),
-            "database_bytes": self.store.database_bytes(),
-            "patch_cache_bytes": patch_bytes,
-            "cache_bytes_per_image": round(live_bytes / images) if images else 0,
-            "schema_version": self.store.schema_version(),
-            "roots": self.roots(),
-            "problems": self.check(),
-        }

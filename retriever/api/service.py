@@ -1,4 +1,5 @@
-"""What the routes do to the index, in API terms: look-ups, listings, searches, deletes and captions."""
+"""The API's service layer: what the routes do to the index, in API terms (look-ups, listings, searches,
+deletes and captions). It calls the index's and the store's methods; it talks no SQL itself."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ from datetime import UTC
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import select
-from sqlalchemy.orm import Session, defer
 
 from retriever.captions import caption_id
 from retriever.errors import NotFoundError, RetrieverError
 from retriever.images import is_inside
-from retriever.index.schema import ImageRow
 from retriever.index.store import ImageRecord
 from retriever.indexing import model_info
-from retriever.library import Library
 from retriever.search import SearchResult, clean_query, search_image, search_image_texts, search_text
+from retriever.search_index import SearchIndexReader
 
 from .errors import OutsideRootsError
 from .jobs import Job
@@ -38,8 +36,8 @@ from .thumbnails import forget_thumbnails
 # -- images -------------------------------------------------------------------------------------------
 
 
-def image_public(record: ImageRecord | ImageRow) -> ImagePublic:
-    """The API form of an image record (or row)."""
+def image_public(record: ImageRecord) -> ImagePublic:
+    """The API form of an image record."""
     return ImagePublic(
         id=record.id,
         path=record.path,
@@ -58,9 +56,9 @@ def image_public(record: ImageRecord | ImageRow) -> ImagePublic:
     )
 
 
-def get_image(library: Library, image_id: int) -> ImageRecord:
+def get_image(search_index: SearchIndexReader, image_id: int) -> ImageRecord:
     """The record of an indexed image; ``NotFoundError`` when there is none."""
-    record = library.store.images([image_id]).get(image_id)
+    record = search_index.store.images([image_id]).get(image_id)
     if record is None:
         raise NotFoundError(f"no image with id {image_id}")
     return record
@@ -100,19 +98,17 @@ def existing_file(record: ImageRecord, roots: tuple[str, ...]) -> Path:
     return Path(real)
 
 
-def list_images(library: Library, offset: int, limit: int) -> tuple[list[ImagePublic], int]:
+def list_images(search_index: SearchIndexReader, offset: int, limit: int) -> tuple[list[ImagePublic], int]:
     """A page of images in id order, and how many there are in all."""
-    stmt = select(ImageRow).options(defer(ImageRow.vector)).order_by(ImageRow.id).offset(offset).limit(limit)
-    with Session(library.store.engine) as session:
-        page = [image_public(row) for row in session.scalars(stmt)]
-    return page, library.store.count_images()
+    page = [image_public(record) for record in search_index.store.image_page(offset, limit)]
+    return page, search_index.store.count_images()
 
 
 def delete_image(runtime: Runtime, image_id: int) -> None:
     """Remove an image from the index (its file stays); ``NotFoundError`` when there is none."""
-    with runtime.writing() as library:
-        info = library.models()
-        if info is None or library.remove_images([image_id], info) == 0:
+    with runtime.writing() as search_index:
+        info = search_index.models()
+        if info is None or search_index.remove_images([image_id], info) == 0:
             raise NotFoundError(f"no image with id {image_id}")
     forget_thumbnails(runtime.settings.index_dir, image_id)
 
@@ -160,7 +156,7 @@ def _text_response(result: SearchResult) -> TextSearchResponse:
 def _same_models(runtime: Runtime, models: Models) -> None:
     """Refuse to search an index that another process rebuilt with other models since the server loaded
     its own: their scores over its tokens would be meaningless (``ModelMismatchError``, a 409)."""
-    runtime.reader.check_models(model_info(models.prefilter, models.reranker), record=False)
+    runtime.reader.check_models(model_info(models.prefilter, models.reranker))
 
 
 def search_images_by_text(
@@ -217,10 +213,12 @@ def add_texts(runtime: Runtime, models: Models, texts: list[TextCreate]) -> tupl
     """
     vectors = models.prefilter.encode_texts([t.text for t in texts])
     ids = [t.id if t.id is not None else caption_id(" ".join(t.text.split())) for t in texts]
-    with runtime.writing() as library:
-        library.check_models(model_info(models.prefilter, models.reranker), record=True)
-        added = library.commit_texts([(i, t.text, v) for i, t, v in zip(ids, texts, vectors, strict=True)])
-        return added, library.store.count_texts()
+    with runtime.writing() as search_index:
+        search_index.check_models(model_info(models.prefilter, models.reranker), record=True)
+        added = search_index.commit_texts(
+            [(i, t.text, v) for i, t, v in zip(ids, texts, vectors, strict=True)]
+        )
+        return added, search_index.store.count_texts()
 
 
 # -- jobs ---------------------------------------------------------------------------------------------

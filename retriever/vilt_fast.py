@@ -1,306 +1,32 @@
-"""How the ViLT rerank runs fast on the machine at hand: CPU features, precision, threads, attention kernel.
+"""ViLT made fast in place, beside the reranker that runs it: SDPA attention, oneDNN-fused layers, int8.
 
-Every choice is made at run time from what this process sees (torch's dispatch level, the CPU flags in
-``/proc/cpuinfo``, the CPUs it may run on), never from a constant, so one build serves an AMX server
-and an AVX2-only CI runner:
+The surgery keeps the checkpoint's parameters and state-dict names, so a prepared model still loads and
+saves like the original; ``prepare_vilt`` applies it for one precision (chosen by
+``retriever.hardware.choose_precision``):
 
-* precision: bf16 on AMX; int8 dynamic quantization of the encoder's Linear layers on other x86
-  CPUs (through oneDNN where they have VNNI int8 dot products, fbgemm on plain AVX2), AVX512-BF16
-  without AMX included, because there VNNI's int8 rate is twice the bf16 one; bf16 where a CPU has
-  native bf16 and no int8 engine; fp16 on CUDA; fp32 otherwise. Small models (hidden size below
-  ``LOW_PRECISION_MIN_HIDDEN``) stay fp32: their matmuls are too small for the faster kernels to
-  win back the conversions;
-* threads: one torch intra-op thread per usable physical core;
 * attention: ViLT's eager self-attention (matmul, softmax, matmul) swapped for
-  ``torch.nn.functional.scaled_dot_product_attention`` on the same weights.
+  ``torch.nn.functional.scaled_dot_product_attention`` on the same weights;
+* bf16 on a CPU: the encoder's Linears through oneDNN with bias, GELU and residual add fused in;
+* int8: the encoder's Linears quantized dynamically.
+
+Nothing here changes process-wide state for good (threads, malloc and the quantized engine are the
+program's, set once by ``retriever.hardware.configure_process``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import os
-import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .errors import RetrieverError
-
-Precision = Literal["fp32", "bf16", "fp16", "int8"]
-#: What ``precision=`` accepts: ``auto`` or one precision.
-PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
-
-#: Compute dtype of each precision (int8 quantizes weights; its activations stay fp32).
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "int8": torch.float32,
-}
-
-#: Below this hidden size ``auto`` stays fp32: such models already rerank hundreds to thousands of
-#: pairs per second in fp32, so low precision would save milliseconds per query and still cost
-#: accuracy. Measured on one Sapphire Rapids core, batches of 16 pairs: hidden 128 (4 layers) fp32
-#: 320-2100 pairs/s, bf16 1.6-2.6x that; hidden 256 (6 layers) fp32 83 pairs/s, bf16 3.4x;
-#: ViLT-B/32 (768, 12 layers) fp32 5.4 pairs/s, bf16 4.0x, int8 3.3x.
-LOW_PRECISION_MIN_HIDDEN = 256
-
-_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-_INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    """What the CPU offers this process."""
-
-    #: torch's kernel dispatch level (``torch.backends.cpu.get_cpu_capability()``): DEFAULT, AVX2, AVX512...
-    capability: str
-    #: Feature flags from ``/proc/cpuinfo`` (empty where that file does not exist).
-    flags: frozenset[str]
-    #: Physical cores among the CPUs this process may run on (hyperthread siblings counted once).
-    physical_cores: int
-    #: Logical CPUs this process may run on (affinity mask, capped by a cgroup CPU quota).
-    usable_cpus: int
-    model_name: str = ""
-
-    @property
-    def native_bf16(self) -> bool:
-        """bf16 matmuls run in hardware (AMX tiles or AVX512-BF16 dot products) and torch uses AVX512."""
-        return self.capability.startswith("AVX512") and any(f in self.flags for f in _NATIVE_BF16_FLAGS)
-
-    def relevant_flags(self) -> list[str]:
-        """The flags that matter for the precision choice, in a fixed order."""
-        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16")
-        return [f for f in (*wanted, "amx_tile", "amx_bf16", "amx_int8") if f in self.flags]
-
-
-def parse_cpuinfo(text: str) -> tuple[frozenset[str], dict[int, tuple[str, str]], str]:
-    """Flags, (physical id, core id) per logical CPU, and model name from the text of ``/proc/cpuinfo``."""
-    flags: set[str] = set()
-    cores: dict[int, tuple[str, str]] = {}
-    model = ""
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip()] = value.strip()
-        if "processor" not in fields:
-            continue
-        if not flags:
-            flags.update(fields.get("flags", "").split())
-        model = model or fields.get("model name", "")
-        try:
-            cpu = int(fields["processor"])
-        except ValueError:
-            continue
-        # Without topology fields (some VMs, non-x86) every logical CPU counts as its own core.
-        cores[cpu] = (fields.get("physical id", "0"), fields.get("core id", str(cpu)))
-    return frozenset(flags), cores, model
-
-
-def _cgroup_cpu_limit() -> int | None:
-    """CPUs a cgroup quota allows (v2 ``cpu.max`` or v1 ``cfs_quota_us``), or None when unlimited."""
-    try:
-        quota, period = [*Path("/sys/fs/cgroup/cpu.max").read_text().split(), "100000"][:2]
-    except OSError:
-        try:
-            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
-            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        q, p = int(quota), int(period)
-    except ValueError:  # "max": no quota
-        return None
-    return max(1, math.ceil(q / p)) if q > 0 and p > 0 else None
-
-
-def read_cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
-    """This machine's ``CpuInfo``."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        text = ""
-    flags, cores, model = parse_cpuinfo(text)
-    try:
-        allowed = set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = set(range(os.cpu_count() or 1))
-    usable = len(allowed)
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        usable = min(usable, limit)
-    physical = len({cores[c] for c in allowed if c in cores}) or usable
-    return CpuInfo(
-        capability=torch.backends.cpu.get_cpu_capability(),
-        flags=flags,
-        physical_cores=max(1, min(physical, usable)),
-        usable_cpus=max(1, usable),
-        model_name=model,
-    )
-
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    """The precision a model runs in, and why."""
-
-    precision: Precision
-    reason: str
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype of activations."""
-        return DTYPES[self.precision]
-
-
-def int8_engine(cpu: CpuInfo) -> str | None:
-    """The quantized engine for int8 dynamic Linear layers on this CPU, or None when there is none.
-
-    oneDNN where the CPU has int8 dot products (AMX tiles, AVX512-VNNI, AVX-VNNI): it quantizes
-    activations to the full int8 range and measured faster than fbgemm there (2-core AMD EPYC with
-    AVX512-VNNI, ViLT-B/32: 17.2 against 15.1 pairs/s). Elsewhere fbgemm (what the ``x86`` engine
-    picks for dynamic quantization), whose AVX2 kernels need no VNNI.
-    """
-    engines = set(torch.backends.quantized.supported_engines)
-    if cpu.flags & set(_INT8_DOT_FLAGS) and "onednn" in engines:
-        return "onednn"
-    if "avx2" not in cpu.flags:
-        return None
-    for engine in ("x86", "fbgemm"):
-        if engine in engines:
-            return engine
-    return None
-
-
-def choose_precision(
-    device: torch.device, requested: str = "auto", *, hidden: int = 768, cpu: CpuInfo | None = None
-) -> PrecisionChoice:
-    """The precision for a model of this hidden size on ``device``: ``requested``, or the best for ``auto``.
-
-    Raises:
-        RetrieverError: an unknown precision, or int8 where it cannot run (CUDA, or a CPU without
-            AVX2). bf16 or fp16 asked of a CPU without native bf16 runs, emulated; the reason says so.
-    """
-    if requested not in PRECISION_CHOICES:
-        raise RetrieverError(f"unknown precision {requested!r}: use {', '.join(PRECISION_CHOICES)}")
-    if device.type == "cuda":
-        if requested == "int8":
-            raise RetrieverError("int8 dynamic quantization runs on the CPU only; use fp16 or bf16 on CUDA")
-        if requested != "auto":
-            return PrecisionChoice(cast(Precision, requested), "asked for")
-        return PrecisionChoice("fp16", "CUDA: tensor cores run fp16 at many times the fp32 rate")
-    cpu = cpu or read_cpu_info()
-    flags = ", ".join(cpu.relevant_flags()) or "none of the AVX/AMX flags"
-    if requested != "auto":
-        note = ""
-        if requested in ("bf16", "fp16") and not cpu.native_bf16:
-            note = f"; this CPU ({flags}) emulates it, expect it to be slow"
-        if requested == "int8" and int8_engine(cpu) is None:
-            raise RetrieverError(
-                f"int8 needs a quantized engine with AVX2 or better kernels; this CPU has {flags}"
-            )
-        return PrecisionChoice(cast(Precision, requested), "asked for" + note)
-    if hidden < LOW_PRECISION_MIN_HIDDEN:
-        return PrecisionChoice(
-            "fp32",
-            f"hidden size {hidden} < {LOW_PRECISION_MIN_HIDDEN}: matmuls too small to gain from bf16/int8",
-        )
-    engine = int8_engine(cpu)
-    if cpu.native_bf16 and "amx_bf16" in cpu.flags:
-        return PrecisionChoice(
-            "bf16", f"torch dispatches {cpu.capability} and the CPU has {flags}: bf16 matmuls on AMX tiles"
-        )
-    if cpu.native_bf16 and engine != "onednn":
-        return PrecisionChoice(
-            "bf16", f"torch dispatches {cpu.capability} and the CPU has {flags}: native bf16 dot products"
-        )
-    if cpu.native_bf16:
-        return PrecisionChoice(
-            "int8",
-            f"torch dispatches {cpu.capability} and the CPU has {flags}, no AMX: a VNNI int8 dot product "
-            f"does twice the multiply-adds of an AVX512-BF16 one; int8 dynamic quantization of Linear "
-            f"layers through {engine}",
-        )
-    if engine is not None:
-        return PrecisionChoice(
-            "int8",
-            f"no native bf16 (flags: {flags}; torch dispatches {cpu.capability}): "
-            f"int8 dynamic quantization of Linear layers through {engine}",
-        )
-    return PrecisionChoice("fp32", f"no native bf16 and no int8 kernels (flags: {flags})")
-
-
-def usable_threads(cpu: CpuInfo | None = None) -> int:
-    """Intra-op threads that fit: one per usable physical core (hyperthreads share a core's matmul units)."""
-    cpu = cpu or read_cpu_info()
-    return max(1, cpu.physical_cores)
-
-
-def configure_threads(threads: int) -> int:
-    """Set torch's (and FAISS's) intra-op thread count; returns it.
-
-    torch and FAISS each bring an OpenMP pool. They never run at the same time here, but a pool wider
-    than the cores makes their threads time-slice each other at every parallel region's barrier.
-    """
-    threads = max(1, threads)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-    except ImportError:  # the storage layer is optional for the model code
-        pass
-    return threads
-
-
-#: Freed memory glibc's malloc keeps for reuse once ``keep_freed_memory`` ran (see there), unless the
-#: environment variable ``RETRIEVER_KEEP_FREED_MB`` says otherwise (0 turns the tuning off).
-KEEP_FREED_BYTES = 256 << 20
-KEEP_FREED_ENV = "RETRIEVER_KEEP_FREED_MB"
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory() -> bool:
-    """``keep_freed_bytes`` with ``RETRIEVER_KEEP_FREED_MB`` (default 256; 0: leave malloc alone)."""
-    raw = os.environ.get(KEEP_FREED_ENV, "").strip()
-    try:
-        nbytes = int(float(raw) * (1 << 20)) if raw else KEEP_FREED_BYTES
-    except ValueError as exc:
-        raise RetrieverError(f"{KEEP_FREED_ENV}={raw!r}: give a number of MB (0 turns it off)") from exc
-    return nbytes > 0 and keep_freed_bytes(nbytes)
-
-
-@functools.cache
-def keep_freed_bytes(nbytes: int) -> bool:
-    """Make glibc's malloc keep up to ``nbytes`` of freed memory for reuse; returns whether it could.
-
-    A ViLT-B forward pass allocates and frees activations of several MB per layer. glibc's defaults
-    serve those from fresh ``mmap`` calls (or trim the heap after each free), so every pass faults
-    every page in again and the kernel zeroes it: measured on a 2-core AMD EPYC with int8, about
-    310k minor page faults per 32 pairs and 10% of the rerank time; with these settings, none. The
-    cost is that the process keeps up to ``nbytes`` (plus what it holds) after a burst. Process-wide,
-    like the thread count; a no-op (False) off Linux/glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    settings = ((_M_MMAP_THRESHOLD, nbytes), (_M_TRIM_THRESHOLD, 2 * nbytes), (_M_TOP_PAD, nbytes))
-    # musl and other libcs export a mallopt that accepts nothing (returns 0).
-    return all(mallopt(option, value) == 1 for option, value in settings)
-
+from .hardware import DTYPES, Precision, int8_engine, malloc_keeps_freed, read_cpu_info
 
 # -- attention ------------------------------------------------------------------------------------
 
@@ -460,10 +186,9 @@ class FusedViltLayer(nn.Module):
 
     The residual stream is bf16 by default, so both residual adds fuse into their Linears. With
     ``fp32_residual`` it stays fp32 and only matmul inputs are rounded to bf16: each add and each
-    LayerNorm's cast is then a separate pass over the activations. Measured on a random ViLT-B/32,
-    2 Sapphire Rapids cores: bf16 stream about 13% faster; max logit error against fp32 about 0.23
-    of the logits' std against 0.08 with the fp32 stream; Recall@1 of the shipped shapes model the
-    same in both (87.5/86.6 on 1000 images).
+    LayerNorm's cast is then a separate pass over the activations. The bf16 stream is the faster; the
+    fp32 stream has the smaller logit error against fp32, and the shipped shapes model's Recall@1 is
+    the same in both (figures: docs/bench/hardware-choices.md).
     """
 
     def __init__(self, layer: Any, *, fp32_residual: bool = False) -> None:
@@ -580,7 +305,7 @@ class PreparedModel:
     int8_engine: str | None = None
     swapped: int = 0
     fused_layers: int = 0
-    #: ``keep_freed_memory`` took effect (CPU, glibc).
+    #: The program told malloc to keep freed memory (``retriever.hardware.configure_process``; CPU, glibc).
     malloc_keeps_freed: bool = False
 
     def describe(self) -> str:
@@ -606,18 +331,20 @@ def prepare_vilt(
     * bf16 on a CPU whose torch has oneDNN's fused kernels: the encoder's Linear weights in bf16,
       every layer a ``FusedViltLayer`` with a bf16 residual stream (fp32 LayerNorm parameters,
       fp32 embeddings and pooler/ITM head). ``fp32_residual`` keeps the stream fp32 and rounds only
-      matmul inputs: about a third of the logit error, about 12% slower (see ``FusedViltLayer``).
+      matmul inputs: a smaller logit error, a slower pass (see ``FusedViltLayer``).
       The visual embedding that index time runs stays fp32 either way, so cached tokens never
       depend on the precision searches run in.
     * fp16, bf16 without the fused kernels, and anything on CUDA: fp32 weights under autocast.
     * int8: the encoder's Linear layers quantized dynamically (int8 weights per output channel, int8
       activations per call); the embeddings, pooler and head stay fp32.
 
-    On a CPU, malloc is also told to keep freed activation memory (``keep_freed_memory``).
+    Process-wide state is left as found: malloc's tuning and the thread count are the program's
+    (``retriever.hardware.configure_process``); on a CPU the result records whether malloc keeps freed
+    activation memory.
     """
     prepared = _prepare(model, precision, device, sdpa=sdpa, fp32_residual=fp32_residual)
     if device.type == "cpu":
-        prepared.malloc_keeps_freed = keep_freed_memory()
+        prepared.malloc_keeps_freed = malloc_keeps_freed()
     return prepared
 
 
@@ -655,16 +382,30 @@ def quantize_int8(module: nn.Module, engine: str) -> None:
 
     ``torch.ao.quantization.quantize_dynamic`` is deprecated in favour of torchao, but torchao's
     int8 dynamic-activation config runs its matmul through ``torch._int_mm`` in eager mode, which on
-    the CPU measured slower than fp32 here (about 85 against 120 GFLOP/s on a 768x3072 layer); the
-    fbgemm/oneDNN kernels behind ``quantize_dynamic`` ran at 320-515 GFLOP/s. Revisit when torchao's
-    CPU kernels no longer need ``torch.compile``.
+    the CPU measured slower than fp32 here, several times slower than the fbgemm/oneDNN kernels behind
+    ``quantize_dynamic`` (figures: docs/bench/hardware-choices.md). Revisit when torchao's CPU kernels
+    no longer need ``torch.compile``.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    # The engine is process-wide; dynamic Linears dispatch on the engine their weights were packed for.
-    torch.backends.quantized.engine = engine
-    with warnings.catch_warnings():
+    with _quantized_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
         quantize_dynamic(  # type: ignore[no-untyped-call]
             module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
         )
+
+
+@contextmanager
+def _quantized_engine(engine: str) -> Iterator[None]:
+    """torch's quantized engine set to ``engine`` while weights are packed, then put back as it was.
+
+    Packing reads the process-wide engine; afterwards each dynamic Linear runs through the engine its
+    packed weights were made for, whatever the process-wide one says, so the setting need not outlive
+    the packing (the program sets it for good, once: ``retriever.hardware.configure_process``).
+    """
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
