@@ -19,6 +19,7 @@ from retriever.errors import (
     IndexMismatchError,
     ModelMismatchError,
     NotFoundError,
+    ResourceError,
     RetrieverError,
 )
 
@@ -42,6 +43,7 @@ STATUS_OF: tuple[tuple[type[RetrieverError], int], ...] = (
     (IndexDamagedError, 503),
     (IndexMismatchError, 503),
     (DatabaseFailureError, 503),
+    (ResourceError, 503),
     (RetrieverError, 400),
 )
 

@@ -82,3 +82,13 @@ def test_a_database_failing_mid_request_answers_503_with_retry_after(
 
     assert answer.status_code == 503 and answer.headers["retry-after"] == "10"
     assert answer.json()["detail"].startswith("the database is unavailable (")
+
+
+def test_a_refused_write_is_503_not_a_bad_request() -> None:
+    # A full disk under the segment store is the machine's refusal, not the client's mistake.
+    from retriever.api.errors import status_of
+    from retriever.errors import ResourceError
+    from retriever.index.blobs import BlobStoreFullError
+
+    assert status_of(ResourceError("disk full")) == 503
+    assert issubclass(BlobStoreFullError, ResourceError)
