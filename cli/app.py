@@ -13,6 +13,7 @@ import typer
 
 from . import INTERRUPTED
 from .bench import bench_command
+from .check import check_command
 from .common import Context, errors_as_messages, fail
 from .datasets import app as datasets_app
 from .evaluate import evaluate_command
@@ -405,6 +406,7 @@ app.command("eval")(evaluate_command)
 app.command("train")(train_command)
 app.command()(serve)
 app.command("bench")(bench_command)
+app.command("check")(check_command)
 # (end of registrations)
 
 

@@ -568,3 +568,12 @@ class MetadataStore:
                 size = conn.execute(text("PRAGMA page_size")).scalar_one()
                 return int(pages) * int(size)
         return None
+
+    def integrity_problems(self) -> list[str]:
+        """What the database itself finds wrong with its file (SQLite's quick check); a server database
+        (PostgreSQL) guards its own pages, so nothing is asked of it here."""
+        if self.backend != "sqlite":
+            return []
+        with self._reading() as conn:
+            found = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check"))]
+        return [] if found == ["ok"] else found

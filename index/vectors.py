@@ -60,6 +60,21 @@ class VectorIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def ids(self) -> np.ndarray:
+        """Every id the index holds, sorted (for checking it against the database)."""
+        inner = faiss.downcast_index(self._index)
+        if isinstance(inner, faiss.IndexIVF):
+            lists: Any = inner.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(inner.nlist)
+                if lists.list_size(i)
+            ]
+            found = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        else:
+            found = faiss.vector_to_array(self._index.id_map)
+        return np.sort(found.astype(np.int64))
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under these ids (ids must not be present already)."""
         if len(ids) == 0:
