@@ -9,9 +9,17 @@ from typing import Annotated
 
 import typer
 
+from retriever.datasets.shapes_render import RENDERERS
+
 from .common import errors_as_messages, quiet_transformers
 from .options import Device
 from .output import Bar
+
+
+def _known_renderer(name: str | None) -> str | None:
+    if name is not None and name not in RENDERERS:
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(RENDERERS)}")
+    return name
 
 
 def train_command(
@@ -62,6 +70,18 @@ def train_command(
         str, typer.Option("--precision", help="auto (bf16 where native), fp32 or bf16.")
     ] = "auto",
     device: Device = "auto",
+    render: Annotated[
+        str | None,
+        typer.Option(
+            "--render",
+            metavar="[" + "|".join(RENDERERS) + "]",
+            callback=_known_renderer,
+            help="Shapes sets only: draw the training images again from the dataset's scenes with this "
+            "renderer (seeded by --seed) instead of reading its files; envelope covers everything the "
+            "spec allows. Listed by `retriever datasets shapes --help`. Default: the files.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train the dual encoder (contrastive), then ViLT ITM on negatives it mines. Resumes if interrupted."""
     from retriever.hardware import resolve_device
@@ -84,6 +104,7 @@ def train_command(
             seed=seed,
             device=str(resolve_device(device)),
             precision=precision,
+            render=render,
         )
         bars: dict[str, Bar | None] = {}
         last: dict[str, StepInfo] = {}

@@ -12,11 +12,12 @@ Choices the spec leaves open:
 - An object's center is the center of its bounding box (the extent square). So that a model
   or a checker that takes a triangle's centroid instead still sees the same relation, the
   relation thresholds are met with both definitions.
-- Objects are kept apart by a gap of `OBJECT_GAP` pixels between their bounding boxes and
-  `EDGE_MARGIN` pixels from the image border, so anti-aliased edges never touch.
-- Gaussian noise (sigma drawn from 0..8 per image) is added to the background only, equally
-  to the three channels, so the background stays gray and object fills stay solid.
-- Edges are anti-aliased by drawing each object's mask at 4x and averaging it down.
+- By default objects are kept `OBJECT_GAP` pixels apart and `EDGE_MARGIN` from the border, so
+  anti-aliased edges never touch; other renderers go down to the spec's 0 and 0.
+- Gaussian noise is added to the background only, so object fills stay solid.
+- How each image is drawn inside the spec's envelope is a `RenderSettings` (`shapes_render.py`):
+  by default noise of sigma uniform in 0..8, equal in the three channels, and edges anti-aliased at
+  4x; `ENVELOPE` covers the whole envelope, for training; the variants are other test renderers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,32 +34,46 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from retriever.datasets.karpathy import DatasetError
+from retriever.datasets.shapes_render import (
+    DEFAULT_RENDER,
+    ENVELOPE,
+    RENDERERS,
+    RenderSettings,
+    ShapesError,
+    background,
+    render_settings,
+    shape_mask,
+)
 
 __all__ = [
     "COLORS",
+    "DEFAULT_RENDER",
+    "ENVELOPE",
+    "EVAL_TEST_SEEDS",
     "RELATIONS",
+    "RENDERERS",
     "SHAPES",
     "SIZES",
     "SPLITS",
     "TWIN_ROLES",
     "ObjectSpec",
     "PlannedImage",
+    "RenderSettings",
     "Scene",
     "ShapesError",
     "all_objects",
+    "eval_seed_of",
     "generate",
     "max_test_images",
     "plan_scenes",
     "render",
+    "render_entries",
+    "render_settings",
+    "scene_of_entry",
     "twin_bases",
 ]
-
-
-class ShapesError(DatasetError):
-    """A shapes set cannot be built as asked (bad arguments, or more test images than the rules admit)."""
 
 
 COLORS: Final[dict[str, tuple[int, int, int]]] = {
@@ -84,24 +99,31 @@ SPLITS: Final[tuple[str, ...]] = ("train", "val", "test")
 TWIN_ROLES: Final[tuple[str, ...]] = ("base", "colors_swapped", "shapes_swapped", "positions_swapped")
 SINGLE_ROLE: Final = "single"
 
-COLOR_JITTER: Final = 15
-# Extent (circle diameter, square side, triangle base and height) as a share of min(W, H).
-EXTENT_RANGE: Final[dict[str, tuple[float, float]]] = {"small": (0.14, 0.20), "large": (0.30, 0.38)}
-IMAGE_SIDE_RANGE: Final = (224, 320)
-BACKGROUND_RANGE: Final = (20, 80)
-MAX_NOISE_SIGMA: Final = 8.0
 FAR: Final = 0.35  # minimum center distance along the relation's axis, as a share of W or H
 NEAR: Final = 0.15  # maximum center distance across it
-EDGE_MARGIN: Final = 2
-OBJECT_GAP: Final = 4
+# The default renderer's margins (`RenderSettings.edge_margin`, `.object_gap`).
+EDGE_MARGIN: Final = DEFAULT_RENDER.edge_margin.low
+OBJECT_GAP: Final = DEFAULT_RENDER.object_gap.low
 # Share of train/val images that come in twin groups: binding is learned from such hard negatives.
 TRAIN_TWIN_SHARE: Final = 0.5
 
-_SUPERSAMPLE: Final = 4
 _PLACE_BATCH: Final = 512
 _PLACE_ROUNDS: Final = 200
 _SPLIT_CODE: Final[dict[str, int]] = {"train": 1, "val": 2, "test": 3}
 _PARALLEL_MIN_IMAGES: Final = 200
+# Third element of a render stream's seed: `generate` draws its images from stream 1; images redrawn
+# from a set's scenes (`render_entries`, training on another renderer) from stream 2, so they never
+# repeat a generated set's images.
+_GENERATE_STREAM: Final = 1
+_RERENDER_STREAM: Final = 2
+
+#: Seeds of the shapes test sets the project evaluates models on; no training data may be drawn with
+#: them (`eval_seed_of` recognises such a set, and `retriever train` refuses it). 7: README's and the
+#: demo's test set and the train/eval integration test's; 31337: the precision test's and
+#: docs/bench/hardware-choices.md's 400 images; 90210: the model README's 1000 images
+#: (EVAL-test1000.json); 271828: the codec bench's fresh set; 424242: the shipped-model CI test's 120
+#: images (EVAL-test120.json).
+EVAL_TEST_SEEDS: Final = frozenset({7, 31337, 90210, 271828, 424242})
 
 
 @dataclass(frozen=True)
@@ -296,94 +318,97 @@ def _plan_train(n_images: int, rng: np.random.Generator) -> list[PlannedImage]:
     return planned
 
 
-@lru_cache(maxsize=1024)
-def _mask(shape: str, extent: int) -> Image.Image | None:
-    """Coverage mask of a circle or upright triangle filling an extent x extent box (None: a full square)."""
-    if shape == "square":
-        return None
-    side = extent * _SUPERSAMPLE
-    big = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(big)
-    if shape == "circle":
-        draw.ellipse((0, 0, side - 1, side - 1), fill=255)
-    else:
-        draw.polygon([((side - 1) / 2, 0), (side - 1, side - 1), (0, side - 1)], fill=255)
-    return big.reduce(_SUPERSAMPLE)
-
-
-def _extent(size: str, m: int, rng: np.random.Generator) -> int:
-    low, high = EXTENT_RANGE[size]
-    # Integer extents strictly inside the real interval, so the rule holds exactly.
-    return int(rng.integers(int(np.ceil(low * m)), int(np.floor(high * m)), endpoint=True))
-
-
 def _place(
-    scene: Scene, extents: tuple[int, int], width: int, height: int, rng: np.random.Generator
+    scene: Scene,
+    extents: tuple[int, int],
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    margin: int = EDGE_MARGIN,
+    gap: int = OBJECT_GAP,
+    tight: bool = False,
 ) -> tuple[int, int, int, int]:
-    """Top-left corners (xA, yA, xB, yB), uniform over all placements that meet the rules."""
+    """Top-left corners (xA, yA, xB, yB), uniform over all placements that meet the rules.
+
+    With `tight`, the placement of the first batch with valid ones that comes closest to the
+    relation's thresholds (along its axis and across it) instead: the hardest layouts a renderer
+    may draw.
+    """
     da, db = extents
     # How far below the box center a triangle's centroid lies.
     shift_a = da / 6 if scene.a.shape == "triangle" else 0.0
     shift_b = db / 6 if scene.b.shape == "triangle" else 0.0
     relation = scene.relation
     for _ in range(_PLACE_ROUNDS):
-        xa = rng.integers(EDGE_MARGIN, width - EDGE_MARGIN - da, endpoint=True, size=_PLACE_BATCH)
-        ya = rng.integers(EDGE_MARGIN, height - EDGE_MARGIN - da, endpoint=True, size=_PLACE_BATCH)
-        xb = rng.integers(EDGE_MARGIN, width - EDGE_MARGIN - db, endpoint=True, size=_PLACE_BATCH)
-        yb = rng.integers(EDGE_MARGIN, height - EDGE_MARGIN - db, endpoint=True, size=_PLACE_BATCH)
+        xa = rng.integers(margin, width - margin - da, endpoint=True, size=_PLACE_BATCH)
+        ya = rng.integers(margin, height - margin - da, endpoint=True, size=_PLACE_BATCH)
+        xb = rng.integers(margin, width - margin - db, endpoint=True, size=_PLACE_BATCH)
+        yb = rng.integers(margin, height - margin - db, endpoint=True, size=_PLACE_BATCH)
         dx = (xb + db / 2) - (xa + da / 2)  # center of B minus center of A
         dy_box = (yb + db / 2) - (ya + da / 2)
         dy_centroid = dy_box + (shift_b - shift_a)
         if relation in ("left of", "right of"):
             along = dx if relation == "left of" else -dx
-            ok = (along >= FAR * width) & (np.abs(dy_box) <= NEAR * height)
-            ok &= np.abs(dy_centroid) <= NEAR * height
+            across = np.maximum(np.abs(dy_box), np.abs(dy_centroid))
+            ok = (along >= FAR * width) & (across <= NEAR * height)
+            slack = (along - FAR * width) / width + (NEAR * height - across) / height
         else:
             sign = 1.0 if relation == "above" else -1.0
-            ok = (sign * dy_box >= FAR * height) & (sign * dy_centroid >= FAR * height)
-            ok &= np.abs(dx) <= NEAR * width
+            along = np.minimum(sign * dy_box, sign * dy_centroid)
+            ok = (along >= FAR * height) & (np.abs(dx) <= NEAR * width)
+            slack = (along - FAR * height) / height + (NEAR * width - np.abs(dx)) / width
         gap_x = np.maximum(xb - (xa + da), xa - (xb + db))
         gap_y = np.maximum(yb - (ya + da), ya - (yb + db))
-        ok &= (gap_x >= OBJECT_GAP) | (gap_y >= OBJECT_GAP)
+        ok &= (gap_x >= gap) | (gap_y >= gap)
         hits = np.flatnonzero(ok)
         if hits.size:
-            j = int(hits[0])
+            j = int(hits[np.argmin(slack[hits])]) if tight else int(hits[0])
             return int(xa[j]), int(ya[j]), int(xb[j]), int(yb[j])
     # Unreachable for the spec's ranges (every image size admits placements); kept so a bad
     # constant change fails loudly instead of looping.
     raise ShapesError(f"could not place {scene} in a {width}x{height} image")
 
 
-def render(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any]]:
-    """Draw one scene with its own image size, background, jitter and positions.
+def render(
+    scene: Scene, rng: np.random.Generator, settings: RenderSettings = DEFAULT_RENDER
+) -> tuple[Image.Image, dict[str, Any]]:
+    """Draw one scene with its own image size, background, jitter and positions, drawn from `settings`.
 
     Returns the RGB image and its metadata: `width`, `height`, `background` (gray level),
     `noise_sigma`, `relation` and `objects` (role, shape, color, rgb, size, extent, box as
-    [x0, y0, x1, y1] with x1 - x0 = extent, center).
+    [x0, y0, x1, y1] with x1 - x0 = extent, center). Settings other than the default add `render`:
+    the choices drawn for this image that the other fields do not show (`supersample`, `noise`
+    gray or rgb, `edge_margin`, `object_gap`, `placement` uniform or tight). The default settings draw
+    exactly what the generator always drew, so its sets stay byte-identical.
     """
-    width = int(rng.integers(IMAGE_SIDE_RANGE[0], IMAGE_SIDE_RANGE[1], endpoint=True))
-    height = int(rng.integers(IMAGE_SIDE_RANGE[0], IMAGE_SIDE_RANGE[1], endpoint=True))
-    gray = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1], endpoint=True))
-    sigma = float(rng.uniform(0.0, MAX_NOISE_SIGMA))
-    noise = rng.standard_normal((height, width), dtype=np.float32) * np.float32(sigma)
-    plane = Image.fromarray(np.clip(np.rint(noise + np.float32(gray)), 0, 255).astype(np.uint8))
-    image = Image.merge("RGB", (plane, plane, plane))
+    width = settings.width.draw(rng)
+    height = settings.height.draw(rng)
+    gray = settings.background.draw(rng)
+    sigma = settings.noise_sigma.draw(rng)
+    per_channel = bool(settings.rgb_noise) and bool(rng.random() < settings.rgb_noise)
+    image = background(width, height, gray, sigma, per_channel, rng)
 
     m = min(width, height)
-    extents = (_extent(scene.a.size, m, rng), _extent(scene.b.size, m, rng))
+    spans = {"small": settings.small, "large": settings.large}
+    extents = (spans[scene.a.size].extent(m, rng), spans[scene.b.size].extent(m, rng))
     fills = []
     for spec in (scene.a, scene.b):
-        jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER, endpoint=True, size=3)
+        jitter = settings.jitter.draw_many(rng, 3)
         base = np.array(COLORS[spec.color], dtype=np.int64)
         fills.append(tuple(int(c) for c in np.clip(base + jitter, 0, 255)))
-    xa, ya, xb, yb = _place(scene, extents, width, height, rng)
+    factors = settings.supersample
+    supersample = factors[int(rng.integers(len(factors)))] if len(factors) > 1 else factors[0]
+    margin = settings.edge_margin.draw(rng)
+    gap = settings.object_gap.draw(rng)
+    tight = bool(settings.tight) and bool(rng.random() < settings.tight)
+    xa, ya, xb, yb = _place(scene, extents, width, height, rng, margin, gap, tight)
 
     objects: list[dict[str, Any]] = []
     for role, spec, extent, fill, (x0, y0) in zip(
         ("A", "B"), (scene.a, scene.b), extents, fills, ((xa, ya), (xb, yb)), strict=True
     ):
         box = (x0, y0, x0 + extent, y0 + extent)
-        image.paste(fill, box, _mask(spec.shape, extent))
+        image.paste(fill, box, shape_mask(spec.shape, extent, supersample))
         objects.append(
             {
                 "role": role,
@@ -404,16 +429,83 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, dict[st
         "relation": scene.relation,
         "objects": objects,
     }
+    if settings != DEFAULT_RENDER:
+        meta["render"] = {
+            "supersample": supersample,
+            "noise": "rgb" if per_channel else "gray",
+            "edge_margin": margin,
+            "object_gap": gap,
+            "placement": "tight" if tight else "uniform",
+        }
     return image, meta
 
 
-_Job = tuple[Scene, int, int, int, str]
+def scene_of_entry(entry: Mapping[str, Any]) -> Scene:
+    """The scene a shapes `dataset.json` entry shows (its `objects` and `relation`)."""
+    try:
+        a, b = (ObjectSpec(o["size"], o["color"], o["shape"]) for o in entry["objects"])
+        return Scene(a, b, entry["relation"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShapesError(f"{entry.get('filename', 'an entry')} is not a shapes scene: {exc}") from exc
+
+
+def render_entries(
+    entries: Sequence[Mapping[str, Any]], settings: RenderSettings, seed: int
+) -> Iterator[tuple[Image.Image, dict[str, Any]]]:
+    """Each entry's scene drawn again with `settings`, in order: a set's scenes under another renderer.
+
+    Training uses this to see a renderer's whole range without writing the images to disk. The images
+    come from a stream of `seed` of their own, one per entry index, so they repeat no generated set's
+    files. Raises ShapesError before drawing anything for an entry that is not a shapes scene or for
+    one of `EVAL_TEST_SEEDS`.
+    """
+    if seed in EVAL_TEST_SEEDS:
+        raise ShapesError(f"seed {seed} draws the test sets the project evaluates on; use another seed")
+    scenes = [scene_of_entry(entry) for entry in entries]
+
+    def draw() -> Iterator[tuple[Image.Image, dict[str, Any]]]:
+        for index, scene in enumerate(scenes):
+            stream = [seed, _SPLIT_CODE["train"], _RERENDER_STREAM, index]
+            yield render(scene, np.random.default_rng(np.random.SeedSequence(stream)), settings)
+
+    return draw()
+
+
+@lru_cache(maxsize=len(EVAL_TEST_SEEDS))
+def _largest_test_set(seed: int) -> tuple[Scene, ...]:
+    return tuple(p.scene for p in plan_scenes(max_test_images(), seed, "test"))
+
+
+def eval_seed_of(entries: Sequence[Mapping[str, Any]]) -> int | None:
+    """The seed of `EVAL_TEST_SEEDS` these shapes entries were generated with (any split), or None.
+
+    A set's scenes, in order, depend only on (count, seed, split), so comparing them with those seeds'
+    plans recognises a set although `dataset.json` does not record its seed. A test set of N images
+    is the first N of its seed's largest one, so any leading part of it is recognised too. Entries
+    that are not shapes scenes (another dataset) give None.
+    """
+    try:
+        scenes = [scene_of_entry(entry) for entry in entries]
+    except ShapesError:
+        return None
+    n = len(scenes)
+    for seed in sorted(EVAL_TEST_SEEDS):
+        head = min(n, max_test_images())
+        if head and list(_largest_test_set(seed)[:head]) == scenes[:head]:
+            return seed
+        for split in ("train", "val"):
+            if n and [p.scene for p in plan_scenes(n, seed, split)] == scenes:
+                return seed
+    return None
+
+
+_Job = tuple[Scene, int, int, int, str, RenderSettings]
 
 
 def _render_job(job: _Job) -> dict[str, Any]:
-    scene, seed, split_code, index, path = job
-    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code, 1, index]))
-    image, meta = render(scene, rng)
+    scene, seed, split_code, index, path, settings = job
+    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code, _GENERATE_STREAM, index]))
+    image, meta = render(scene, rng, settings)
     # Level 1: the noisy background barely compresses further, and level 6 is 3x slower.
     image.save(path, format="PNG", compress_level=1)
     return meta
@@ -432,15 +524,25 @@ def _run_jobs(jobs: Sequence[_Job], workers: int) -> Iterable[dict[str, Any]]:
 
 
 def generate(
-    out_dir: Path, n_images: int, seed: int, split: str = "test", workers: int | None = None
+    out_dir: Path,
+    n_images: int,
+    seed: int,
+    split: str = "test",
+    workers: int | None = None,
+    settings: RenderSettings = DEFAULT_RENDER,
 ) -> Path:
     """Build a shapes set in `out_dir` and return the path of its `dataset.json`.
 
     Images are `000000.png`, ... with `imgid` equal to their index and sentids `5*imgid + k`.
     Each entry adds `objects`, `relation`, `twin_group`, `twin_role`, `width`, `height`,
     `background` and `noise_sigma` to the Karpathy fields. The output depends only on
-    (`n_images`, `seed`, `split`), never on `workers` (default: all cores for large sets, one
-    process for small ones). Existing files of the same names are overwritten.
+    (`n_images`, `seed`, `split`, `settings`), never on `workers` (default: all cores for large
+    sets, one process for small ones). Existing files of the same names are overwritten.
+
+    The scenes depend on (`n_images`, `seed`, `split`) alone, so sets drawn with other `settings`
+    show the same scenes rendered differently: paired test sets, whose scores differ only by the
+    renderer. Settings other than the default are recorded as a top-level `render` and in each
+    entry's `render`.
 
     Raises ShapesError for an unknown split, a bad count or seed, or a test set larger than
     the twin rules admit (checked before anything is written).
@@ -456,7 +558,7 @@ def generate(
     digits = max(6, len(str(n_images - 1)))
     filenames = [f"{index:0{digits}d}.png" for index in range(n_images)]
     jobs = [
-        (item.scene, seed, _SPLIT_CODE[split], index, str(out_dir / filenames[index]))
+        (item.scene, seed, _SPLIT_CODE[split], index, str(out_dir / filenames[index]), settings)
         for index, item in enumerate(planned)
     ]
     try:
@@ -486,7 +588,11 @@ def generate(
     json_path = out_dir / "dataset.json"
     partial = out_dir / "dataset.json.partial"
     try:
-        partial.write_text(json.dumps({"dataset": "shapes", "images": entries}), encoding="utf-8")
+        document: dict[str, Any] = {"dataset": "shapes"}
+        if settings != DEFAULT_RENDER:
+            document["render"] = settings.as_json()
+        document["images"] = entries
+        partial.write_text(json.dumps(document), encoding="utf-8")
         partial.replace(json_path)
     except OSError as exc:
         raise ShapesError(f"cannot write {json_path}: {exc}") from exc

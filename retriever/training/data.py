@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..datasets.karpathy import KarpathySplit
+from ..datasets.shapes import RenderSettings, render_entries
 
 ProgressFn = Callable[[int, int], None]
 
@@ -82,6 +84,25 @@ def _grounding(split: KarpathySplit, raw: list[dict[str, Any]], vilt_tokenizer: 
     return Grounding(token_index, target)
 
 
+def _images(
+    split: KarpathySplit,
+    raw_images: list[dict[str, Any]],
+    render: RenderSettings | None,
+    render_seed: int,
+    metas: list[dict[str, Any]],
+) -> Iterator[Image.Image]:
+    """The split's images in order: read from their files, or drawn with ``render`` (their metadata
+    appended to ``metas``)."""
+    if render is None:
+        for img in split.images:
+            with Image.open(img.path) as im:
+                yield im.convert("RGB")
+        return
+    for image, meta in render_entries(raw_images, render, render_seed):
+        metas.append(meta)
+        yield image
+
+
 def load_train_data(
     split: KarpathySplit,
     raw_images: list[dict[str, Any]],
@@ -89,27 +110,34 @@ def load_train_data(
     clip_processor: Any,
     cache_dir: Path | None = None,
     on_progress: ProgressFn | None = None,
+    render: RenderSettings | None = None,
+    render_seed: int = 0,
 ) -> TrainData:
-    """Decode every image once and run both image processors; cached under ``cache_dir`` when given."""
-    key = hashlib.sha256(
-        repr(
-            (
-                [i.path.name for i in split.images],
-                vilt_processor.image_processor.to_dict(),
-                clip_processor.image_processor.to_dict(),
-            )
-        ).encode()
-    ).hexdigest()[:16]
+    """Decode every image once and run both image processors; cached under ``cache_dir`` when given.
+
+    With ``render``, the images are not read from their files: each shapes entry's scene is drawn
+    again with those settings (from ``render_seed``'s own stream), so one set's scenes and captions
+    can be trained on under a renderer that covers the spec's whole envelope without writing it to
+    disk. The entries' boxes and sizes then come from the new drawings, for the grounding targets.
+    """
+    identity: tuple[Any, ...] = (
+        [i.path.name for i in split.images],
+        vilt_processor.image_processor.to_dict(),
+        clip_processor.image_processor.to_dict(),
+    )
+    if render is not None:
+        identity += (render.as_json(), render_seed)
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
     cache = cache_dir / f"pixels-{key}.pt" if cache_dir is not None else None
+    metas: list[dict[str, Any]] = []
     if cache is not None and cache.exists():
         blob = torch.load(cache, weights_only=True)
         vilt_pixels, clip_pixels = list(blob["vilt"]), blob["clip"]
+        metas = json.loads(blob.get("meta", "[]"))
     else:
         vilt_pixels = []
         clip_list = []
-        for n, img in enumerate(split.images):
-            with Image.open(img.path) as im:
-                rgb = im.convert("RGB")
+        for n, rgb in enumerate(_images(split, raw_images, render, render_seed, metas)):
             vilt_pixels.append(
                 vilt_processor.image_processor(images=[rgb], return_tensors="pt")["pixel_values"][0].half()
             )
@@ -121,7 +149,13 @@ def load_train_data(
         clip_pixels = torch.stack(clip_list)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"vilt": vilt_pixels, "clip": clip_pixels}, cache)
+            blob = {"vilt": vilt_pixels, "clip": clip_pixels}
+            if render is not None:
+                blob["meta"] = json.dumps(metas)
+            torch.save(blob, cache)
+    if render is not None:
+        # The drawings' own sizes and boxes replace the files' (twin groups and captions stay).
+        raw_images = [{**r, **meta} for r, meta in zip(raw_images, metas, strict=True)]
     groups_by_id: dict[int, list[int]] = {}
     for i, r in enumerate(raw_images):
         if r.get("twin_group") is not None and r.get("twin_role") != "single":

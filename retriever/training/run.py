@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..datasets.karpathy import load_karpathy
+from ..datasets.shapes import EVAL_TEST_SEEDS, eval_seed_of, render_settings, scene_of_entry
 from ..errors import RetrieverError
 from ..hardware import training_autocast
 from .build import SmallConfig, new_prefilter, new_reranker
@@ -47,12 +48,52 @@ class TrainRequest:
     seed: int = 0
     device: str = "cpu"
     precision: str = "auto"  # auto | fp32 | bf16
+    # A shapes renderer (`retriever.datasets.shapes.RENDERERS`, e.g. "envelope"): draw the training
+    # images again from the dataset's scenes with it, seeded by `seed`, instead of reading the files.
+    render: str | None = None
 
 
-def _raw_entries(dataset: Path, split: str) -> list[dict[str, Any]]:
+def _raw_entries(dataset: Path, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The split's entries, and the document's other top-level fields (`dataset`, a shapes `render`)."""
     wanted = {"train": {"train", "restval"}}.get(split, {split})
     data = json.loads(dataset.read_text())
-    return [e for e in data["images"] if isinstance(e, dict) and e.get("split") in wanted]
+    entries = [e for e in data["images"] if isinstance(e, dict) and e.get("split") in wanted]
+    return entries, {k: v for k, v in data.items() if k != "images"}
+
+
+def _check_data(req: TrainRequest, raw: list[dict[str, Any]]) -> None:
+    """Refuse, before any model is built, data training must not use.
+
+    Training never sees the images the project evaluates on, so its test sets stay fresh for every
+    model; and `--render` needs shapes scenes to draw.
+    """
+    seed = eval_seed_of(raw)
+    if seed is not None:
+        raise RetrieverError(
+            f"{req.dataset} was generated with seed {seed}, one of the shapes test seeds the project "
+            f"evaluates on ({', '.join(map(str, sorted(EVAL_TEST_SEEDS)))}); train on a set drawn with "
+            "another seed"
+        )
+    if req.render is not None and req.seed in EVAL_TEST_SEEDS:
+        raise RetrieverError(
+            f"--seed {req.seed} would draw the training images (--render) from a seed the project "
+            "evaluates on; choose another seed"
+        )
+    if req.render is not None:
+        for entry in raw:
+            scene_of_entry(entry)
+
+
+def _render_record(req: TrainRequest, document: dict[str, Any]) -> dict[str, Any] | None:
+    """How the training images were drawn: by this run (`--render`), or as the dataset's files say."""
+    if req.render is not None:
+        settings = render_settings(req.render).as_json()
+        return {"name": req.render, "drawn_by_training": True, "seed": req.seed, "settings": settings}
+    if document.get("dataset") != "shapes":
+        return None
+    # Shapes sets record a renderer other than the default; sets without one used the default.
+    recorded = document.get("render") or {"name": "default"}
+    return {"name": recorded.get("name"), "drawn_by_training": False, "settings": recorded}
 
 
 def _load_or_build(req: TrainRequest, texts: list[str], work: Path) -> tuple[Any, Any, Any, Any]:
@@ -93,13 +134,18 @@ def train(
     if not req.dataset.exists():
         raise RetrieverError(f"no dataset at {req.dataset}")
     split = load_karpathy(req.dataset, req.images_dir, req.split)
-    raw = _raw_entries(req.dataset, req.split)
+    raw, document = _raw_entries(req.dataset, req.split)
     if len(raw) != len(split.images):
         raise RetrieverError("the dataset's entries and the loaded split disagree; is the JSON well formed?")
+    _check_data(req, raw)
+    render = render_settings(req.render) if req.render is not None else None
     torch.manual_seed(req.seed)
     clip, clip_proc, vilt, vilt_proc = _load_or_build(req, split.texts, work)
-    say(f"preprocessing {len(split.images)} images ({len(split.texts)} captions)")
-    data = load_train_data(split, raw, vilt_proc, clip_proc, cache_dir=work)
+    drawn = f", drawn with the {req.render} renderer" if req.render is not None else ""
+    say(f"preprocessing {len(split.images)} images ({len(split.texts)} captions){drawn}")
+    data = load_train_data(
+        split, raw, vilt_proc, clip_proc, cache_dir=work, render=render, render_seed=req.seed
+    )
 
     prefilter_lr = req.prefilter_lr or (1e-5 if req.prefilter_init else 1e-3)
     reranker_lr = req.reranker_lr or (1e-4 if req.reranker_init else 5e-4)
@@ -139,6 +185,7 @@ def train(
         "captions": len(split.texts),
         "twin_groups": len(data.groups),
         "seed": req.seed,
+        "render": _render_record(req, document),
         "prefilter_steps": req.prefilter_steps,
         "reranker_steps": req.reranker_steps,
         "prefilter_pairs": req.prefilter_steps * req.prefilter_batch,

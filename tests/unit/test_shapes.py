@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import typer
-from PIL import Image
 from typer.testing import CliRunner
 
 from retriever.cli.datasets import app as datasets_app
@@ -24,60 +21,20 @@ from retriever.datasets.shapes import (
     plan_scenes,
     render,
 )
-
-# The spec's tables, written out again here so that the tests do not trust the module's constants.
-PALETTE = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-    "white": (235, 235, 235),
-    "brown": (140, 90, 40),
-}
-EXTENTS = {"small": (0.14, 0.20), "large": (0.30, 0.38)}
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-# Share of an object's box covered by its solid fill (anti-aliased edge pixels excluded).
-ROLES = ("base", "colors_swapped", "shapes_swapped", "positions_swapped")
-COVERAGE = {"circle": (0.70, 0.80), "square": (0.99, 1.0), "triangle": (0.44, 0.52)}
-
-Entry = dict[str, Any]
-
-
-def load(json_path: Path) -> list[Entry]:
-    data = json.loads(json_path.read_text())
-    assert data["dataset"] == "shapes"
-    images: list[Entry] = data["images"]
-    return images
-
-
-def words(obj: Entry) -> str:
-    return f"{obj['size']} {obj['color']} {obj['shape']}"
-
-
-def expected_captions(entry: Entry) -> list[str]:
-    a, b = (words(o) for o in entry["objects"])
-    rel = entry["relation"]
-    inv = INVERSE[rel]
-    return [
-        f"a {a} {rel} a {b}",
-        f"a {b} {inv} a {a}",
-        f"the {a} is {rel} the {b}",
-        f"the {b} is {inv} the {a}",
-        f"there is a {a} {rel} a {b}",
-    ]
-
-
-def triple(obj: Entry) -> tuple[str, str, str]:
-    return (obj["size"], obj["color"], obj["shape"])
-
-
-def scene_key(entry: Entry) -> tuple[Any, ...]:
-    """Identity by size, color, shape of both objects and relation, read either way round."""
-    a, b = (triple(o) for o in entry["objects"])
-    rel = entry["relation"]
-    return (a, rel, b) if rel in ("left of", "above") else (b, INVERSE[rel], a)
+from tests.unit.shapes_spec import (
+    INVERSE,
+    ROLES,
+    Entry,
+    check_captions,
+    check_objects,
+    check_relation,
+    check_size_and_background,
+    expected_captions,
+    load,
+    pixels,
+    scene_key,
+    triple,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +55,6 @@ def train_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Entr
 def any_set(request: pytest.FixtureRequest) -> tuple[Path, list[Entry]]:
     fixture: tuple[Path, list[Entry]] = request.getfixturevalue(f"{request.param}_set")
     return fixture
-
-
-def pixels(folder: Path, entry: Entry) -> np.ndarray:
-    with Image.open(folder / entry["filename"]) as image:
-        assert image.format == "PNG"
-        assert image.mode == "RGB"
-        return np.asarray(image).astype(np.int64)
 
 
 def test_karpathy_fields(any_set: tuple[Path, list[Entry]]) -> None:
@@ -128,93 +78,25 @@ def test_karpathy_fields(any_set: tuple[Path, list[Entry]]) -> None:
 def test_image_size_and_background(any_set: tuple[Path, list[Entry]]) -> None:
     folder, entries = any_set
     for entry in entries:
-        rgb = pixels(folder, entry)
-        height, width = rgb.shape[:2]
-        assert (width, height) == (entry["width"], entry["height"])
-        assert 224 <= width <= 320 and 224 <= height <= 320
-        assert 20 <= entry["background"] <= 80
-        assert 0 <= entry["noise_sigma"] <= 8
-        outside = np.ones((height, width), dtype=bool)
-        for obj in entry["objects"]:
-            x0, y0, x1, y1 = obj["box"]
-            outside[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = False
-        background = rgb[outside]
-        # Gray: all three channels equal everywhere outside the objects.
-        assert (background[:, 0] == background[:, 1]).all() and (background[:, 1] == background[:, 2]).all()
-        level = background[:, 0]
-        assert abs(level.mean() - entry["background"]) < 0.5
-        assert 19.5 <= level.mean() <= 80.5
-        assert level.std() <= 8.5
-        assert abs(level.std() - entry["noise_sigma"]) < 0.5
-        # The corners, away from the objects, are background too.
-        for corner in (rgb[:4, :4], rgb[:4, -4:], rgb[-4:, :4], rgb[-4:, -4:]):
-            assert 20 - 4 * 8 <= corner.mean() <= 80 + 4 * 8
+        check_size_and_background(pixels(folder, entry), entry)
 
 
 def test_objects_extent_color_shape_and_placement(any_set: tuple[Path, list[Entry]]) -> None:
     folder, entries = any_set
     for entry in entries:
-        rgb = pixels(folder, entry)
-        width, height = entry["width"], entry["height"]
-        m = min(width, height)
-        objects = entry["objects"]
-        assert [o["role"] for o in objects] == ["A", "B"]
-        assert triple(objects[0]) != triple(objects[1])
-        for obj in objects:
-            x0, y0, x1, y1 = obj["box"]
-            extent = x1 - x0
-            assert y1 - y0 == extent == obj["extent"]
-            low, high = EXTENTS[obj["size"]]
-            assert low * m <= extent <= high * m, (obj, m)
-            assert x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height
-            assert obj["center"] == [(x0 + x1) / 2, (y0 + y1) / 2]
-            fill = np.array(obj["rgb"])
-            assert np.abs(fill - np.array(PALETTE[obj["color"]])).max() <= 15
-            cx, cy = int(obj["center"][0]), int(obj["center"][1])
-            assert np.abs(rgb[cy, cx] - fill).max() <= 1
-            solid = np.abs(rgb[y0:y1, x0:x1] - fill).max(axis=2) <= 3
-            low_cov, high_cov = COVERAGE[obj["shape"]]
-            assert low_cov <= solid.mean() <= high_cov, (obj["shape"], solid.mean())
-            quarter = extent // 4
-            if obj["shape"] == "triangle":  # upright: narrow at the top, wide at the base
-                assert solid[:quarter].mean() < 0.2 < 0.75 < solid[-quarter:].mean()
-        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = (o["box"] for o in objects)
-        apart_x = bx0 >= ax1 or ax0 >= bx1
-        apart_y = by0 >= ay1 or ay0 >= by1
-        assert apart_x or apart_y, "objects overlap"
-
-
-def centroid_y(obj: Entry) -> float:
-    y0: float
-    y1: float
-    _, y0, _, y1 = obj["box"]
-    return y0 + 2 * (y1 - y0) / 3 if obj["shape"] == "triangle" else (y0 + y1) / 2
+        check_objects(pixels(folder, entry), entry)
 
 
 def test_relation_thresholds(any_set: tuple[Path, list[Entry]]) -> None:
     _, entries = any_set
     for entry in entries:
-        width, height = entry["width"], entry["height"]
-        a, b = entry["objects"]
-        dx = b["center"][0] - a["center"][0]
-        # The relation holds with box centers and, for triangles, with centroids too.
-        for dy in (b["center"][1] - a["center"][1], centroid_y(b) - centroid_y(a)):
-            relation = entry["relation"]
-            if relation == "left of":
-                assert dx >= 0.35 * width and abs(dy) <= 0.15 * height
-            elif relation == "right of":
-                assert -dx >= 0.35 * width and abs(dy) <= 0.15 * height
-            elif relation == "above":
-                assert dy >= 0.35 * height and abs(dx) <= 0.15 * width
-            else:
-                assert relation == "below"
-                assert -dy >= 0.35 * height and abs(dx) <= 0.15 * width
+        check_relation(entry)
 
 
 def test_captions_exact_forms_and_order(any_set: tuple[Path, list[Entry]]) -> None:
     _, entries = any_set
     for entry in entries:
-        assert [s["raw"] for s in entry["sentences"]] == expected_captions(entry)
+        check_captions(entry)
 
 
 def test_each_caption_matches_exactly_one_scene(test_set: tuple[Path, list[Entry]]) -> None:
