@@ -6,6 +6,7 @@ Nothing here reaches the network: the hub is switched to offline mode before tra
 from __future__ import annotations
 
 import os
+import subprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -13,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +112,19 @@ def write_images(folder: Path, n: int, *, start_seed: int = 0, fmt: str = "png")
         random_image(start_seed + i, (64 + 16 * (i % 4), 64 + 8 * (i % 3))).save(path)
         paths.append(path)
     return paths
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``1m``, ``4m``) mounted at a new folder ``where`` for one test, to fill a disk
+    for real; the test is skipped where this machine does not allow mounting."""
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
